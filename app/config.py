@@ -1,0 +1,73 @@
+"""Every setting in one place: environment variables STREAMKEEP_*, overridden by flags."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///streamkeep.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Where streams live: an SQLite file (the default, in the working directory)
+    # or a Postgres server, e.g. postgresql://user:pass@host/db.
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    # 4437 is the Durable Streams protocol's default port.
+    port: int = 4437
+    # How long a finished stream stays readable.
+    ttl_seconds: int = 300
+    # How long an open stream may stay silent before the sweeper ends it (0: never).
+    idle_timeout_seconds: int = 600
+    sweep_interval_seconds: float = 15.0
+    sweep_batch_size: int = 5000
+    # How often a waiting reader on SQLite checks for appends by other processes.
+    sqlite_poll_seconds: float = 0.1
+    sqlite_busy_timeout_ms: int = 5000
+    sqlite_synchronous: str = "NORMAL"
+    # Readers re-check their rows this often even without a wake-up.
+    safety_poll_seconds: float = 30.0
+    pool_size: int = 5
+    # Migrate at start-up; None means: yes on SQLite, no on Postgres.
+    auto_migrate: bool | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"STREAMKEEP_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f.name, f.type, raw)
+        settings = cls(**values)
+        return settings.with_overrides(**overrides)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def idle_timeout(self) -> int | None:
+        return self.idle_timeout_seconds or None
+
+
+def _parse(name: str, type_name: Any, raw: str) -> Any:
+    kind = str(type_name)
+    try:
+        if kind.startswith("bool"):
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"STREAMKEEP_{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,84 @@
+"""The event log: durable streams as numbered rows. No HTTP in here."""
+
+from __future__ import annotations
+
+from app.errors import Status, StreamError
+from app.log.api import (
+    Event,
+    EventKind,
+    NewEvent,
+    StreamInfo,
+    StreamStatus,
+    SweepReport,
+)
+from app.log.db import asyncpg_dsn, is_sqlite, normalize_url
+from app.log.manager import Clock, StreamManager, StreamWriter, utcnow
+from app.log.memory import MemoryNotifier, MemoryStore
+from app.log.sql import SqlStore
+from app.log.wakeup import PostgresListener, SqlitePoller
+
+__all__ = [
+    "Clock",
+    "Event",
+    "EventKind",
+    "MemoryStore",
+    "NewEvent",
+    "SqlStore",
+    "Status",
+    "StreamError",
+    "StreamInfo",
+    "StreamManager",
+    "StreamStatus",
+    "StreamWriter",
+    "SweepReport",
+    "create_manager",
+    "utcnow",
+]
+
+
+def create_manager(
+    database_url: str,
+    *,
+    clock: Clock = utcnow,
+    ttl_seconds: int = 300,
+    idle_timeout_seconds: int | None = 600,
+    sqlite_poll_seconds: float = 0.1,
+    sqlite_busy_timeout_ms: int = 5000,
+    sqlite_synchronous: str = "NORMAL",
+    safety_poll_seconds: float = 30.0,
+    sweep_batch_size: int = 5000,
+    pool_size: int = 5,
+) -> StreamManager:
+    """A manager on `database_url` ("memory" for the in-memory store) with its wake-ups."""
+    if database_url == "memory":
+        memory = MemoryStore()
+        return StreamManager(
+            memory,
+            notifier=MemoryNotifier(memory),
+            clock=clock,
+            ttl_seconds=ttl_seconds,
+            idle_timeout_seconds=idle_timeout_seconds,
+            safety_poll_seconds=safety_poll_seconds,
+            sweep_batch_size=sweep_batch_size,
+        )
+    url = normalize_url(database_url)
+    store = SqlStore(
+        url,
+        busy_timeout_ms=sqlite_busy_timeout_ms,
+        sqlite_synchronous=sqlite_synchronous,
+        pool_size=pool_size,
+    )
+    notifier: SqlitePoller | PostgresListener = (
+        SqlitePoller(store, sqlite_poll_seconds)
+        if is_sqlite(url)
+        else PostgresListener(asyncpg_dsn(url))
+    )
+    return StreamManager(
+        store,
+        notifier=notifier,
+        clock=clock,
+        ttl_seconds=ttl_seconds,
+        idle_timeout_seconds=idle_timeout_seconds,
+        safety_poll_seconds=safety_poll_seconds,
+        sweep_batch_size=sweep_batch_size,
+    )

@@ -1,0 +1,157 @@
+"""The event log's public types: events, stream metadata and append requests.
+
+A stream is an append-only list of events numbered 1..N without gaps. The last
+event of a finished stream is its terminal event (done, error or closed); no
+event follows it. Payloads are bytes: JSON for flows and typed events, raw
+bytes for binary Durable Streams. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from app.errors import StreamError
+
+
+class EventKind(StrEnum):
+    CHUNK = "chunk"
+    DONE = "done"
+    ERROR = "error"
+    CLOSED = "closed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is not EventKind.CHUNK
+
+
+class StreamStatus(StrEnum):
+    OPEN = "open"
+    DONE = "done"
+    ERROR = "error"
+    CLOSED = "closed"
+
+
+# The status a stream takes when its terminal event is committed.
+STATUS_AFTER: dict[EventKind, StreamStatus] = {
+    EventKind.DONE: StreamStatus.DONE,
+    EventKind.ERROR: StreamStatus.ERROR,
+    EventKind.CLOSED: StreamStatus.CLOSED,
+}
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+def encode_json(value: Any) -> bytes:
+    """Compact JSON, the one encoding of JSON payloads in the log."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event before the log has numbered it."""
+
+    kind: EventKind
+    payload: bytes = b""
+    type: str | None = None
+
+    @classmethod
+    def chunk(cls, value: Any, type: str | None = None) -> NewEvent:
+        return cls(EventKind.CHUNK, encode_json(value), type)
+
+    @classmethod
+    def done(cls, output: Any) -> NewEvent:
+        return cls(EventKind.DONE, encode_json(output))
+
+    @classmethod
+    def error(cls, err: StreamError) -> NewEvent:
+        return cls(EventKind.ERROR, encode_json(err.to_dict()))
+
+    @classmethod
+    def closed(cls) -> NewEvent:
+        return cls(EventKind.CLOSED)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A committed event."""
+
+    stream_id: str
+    seq: int
+    kind: EventKind
+    payload: bytes
+    created_at: datetime
+    type: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.kind.is_terminal
+
+    def json(self) -> Any:
+        """The payload decoded as JSON (chunks, done outputs, errors)."""
+        return json.loads(self.payload) if self.payload else None
+
+    def as_error(self) -> StreamError:
+        return StreamError.from_dict(self.json())
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream's row, as the log stores it."""
+
+    id: str
+    content_type: str
+    status: StreamStatus
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    ttl_seconds: int
+    expires_at: datetime | None
+    idle_timeout_seconds: int | None
+    abandon_at: datetime | None
+    last_write_at: datetime
+    last_seq: int
+    output: bytes | None = None
+    error_status: str | None = None
+    error_message: str | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.status is StreamStatus.OPEN
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+@dataclass(frozen=True, slots=True)
+class NewStream:
+    id: str
+    content_type: str = JSON_CONTENT_TYPE
+    ttl_seconds: int = 300
+    idle_timeout_seconds: int | None = 600
+
+
+@dataclass(slots=True)
+class AppendRequest:
+    """Events to append to one stream atomically.
+
+    `abandoned_by` makes the append conditional: it only applies while the
+    stream is still open with an abandon deadline at or before that time.
+    The sweeper uses it so that a producer that writes at the last moment wins.
+    """
+
+    stream_id: str
+    events: list[NewEvent]
+    abandoned_by: datetime | None = None
+
+
+@dataclass(slots=True)
+class SweepReport:
+    abandoned: int = 0
+    deleted_streams: int = 0
+    deleted_events: int = 0
+    skipped: bool = False
+    abandoned_ids: list[str] = field(default_factory=list)

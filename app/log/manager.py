@@ -1,0 +1,571 @@
+"""The StreamManager: open, write, subscribe, sweep. Genkit's semantics on durable rows.
+
+Three pieces sit between callers and the store:
+
+* the committer batches every pending append of the process into one
+  transaction (group commit), so a hot stream does not cost a commit per event;
+* tails: one per stream with local readers, holding a small window of the
+  newest committed events. Readers that are caught up wait on their tail, and
+  one wake-up costs at most one database read per stream, however many
+  readers there are. A reader that falls behind the window reads rows by
+  cursor, so being slow never loses or skips anything;
+* a notifier (Postgres LISTEN, an SQLite poll) that tells tails when another
+  process appended. Wake-ups are hints only: tails always re-read the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from app.errors import Status, StreamError, not_found
+from app.log.api import (
+    JSON_CONTENT_TYPE,
+    AppendRequest,
+    Event,
+    NewEvent,
+    NewStream,
+    StreamInfo,
+    SweepReport,
+)
+from app.log.store import StreamStore
+
+log = logging.getLogger("streamkeep.log")
+
+Clock = Callable[[], datetime]
+MAX_STREAM_ID_LENGTH = 1024
+ABANDONED_MESSAGE = "producer went silent"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def validate_stream_id(stream_id: str) -> None:
+    if not isinstance(stream_id, str) or not stream_id:
+        raise StreamError(Status.INVALID_ARGUMENT, "stream id must be a non-empty string")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise StreamError(
+            Status.INVALID_ARGUMENT, f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters"
+        )
+    if "\x00" in stream_id:
+        raise StreamError(Status.INVALID_ARGUMENT, "stream id must not contain NUL")
+
+
+def as_stream_error(err: BaseException | StreamError) -> StreamError:
+    """The error a failed producer records: StreamErrors keep their status."""
+    if isinstance(err, StreamError):
+        return err
+    return StreamError(Status.INTERNAL, str(err) or type(err).__name__)
+
+
+class Notifier(Protocol):
+    """Tells the manager that other processes appended (see app.log.wakeup)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def start(self, manager: StreamManager) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class _Pending:
+    __slots__ = ("future", "request")
+
+    def __init__(self, request: AppendRequest, future: asyncio.Future[list[Event]]) -> None:
+        self.request = request
+        self.future = future
+
+
+class _Committer:
+    """Group commit: whatever is pending when a transaction starts goes into it."""
+
+    def __init__(self, manager: StreamManager, max_batch: int) -> None:
+        self._manager = manager
+        self._max_batch = max_batch
+        self._pending: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
+        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request, future))
+        self._idle.clear()
+        self._wake.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="streamkeep-committer")
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [
+                self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))
+            ]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        manager = self._manager
+        manager._committing = {p.request.stream_id for p in batch}
+        try:
+            outcomes = await manager.store.commit([p.request for p in batch], manager.clock())
+        except BaseException as exc:
+            manager._commit_finished()
+            error = exc if isinstance(exc, StreamError) else _unexpected(exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        committed: list[Event] = []
+        for p, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, StreamError):
+                if not p.future.done():
+                    p.future.set_exception(outcome)
+            else:
+                committed.extend(outcome)
+                if not p.future.done():
+                    p.future.set_result(outcome)
+        manager._publish(committed)
+        manager._commit_finished()
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _unexpected(exc: BaseException) -> StreamError:
+    if isinstance(exc, asyncio.CancelledError):
+        return StreamError(Status.UNAVAILABLE, "the service is shutting down")
+    log.error("append failed", exc_info=exc)
+    return StreamError(Status.INTERNAL, f"storage failure ({type(exc).__name__})")
+
+
+class _Tail:
+    """The newest committed events of one stream, shared by its local readers."""
+
+    def __init__(self, manager: StreamManager, stream_id: str, last_seq: int) -> None:
+        self._manager = manager
+        self.stream_id = stream_id
+        self.last_seq = last_seq
+        self.window: deque[Event] = deque(maxlen=manager.tail_window)
+        self.readers = 0
+        self.gone = False
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._refresh: asyncio.Task[None] | None = None
+        # A hint that raced our own commit (NOTIFY can arrive before COMMIT returns).
+        self.held_hint = 0
+        self._again = False
+        self._check_gone = False
+
+    def changed(self) -> asyncio.Future[None]:
+        return self._changed
+
+    def _notify(self) -> None:
+        fired, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        fired.set_result(None)
+
+    def offer(self, events: list[Event]) -> None:
+        """Take committed events in seq order; a gap means another process wrote."""
+        if not events or events[-1].seq <= self.last_seq:
+            return
+        if events[0].seq > self.last_seq + 1:
+            self.request_refresh()
+            return
+        start = self.last_seq + 1 - events[0].seq
+        self.window.extend(events[start:] if start > 0 else events)
+        self.last_seq = events[-1].seq
+        self._notify()
+
+    def after(self, cursor: int) -> list[Event] | None:
+        """Events after `cursor` from the window: [] when caught up, None when not held."""
+        if cursor >= self.last_seq:
+            return []
+        if not self.window or cursor < self.window[0].seq - 1:
+            return None
+        skip = cursor - (self.window[0].seq - 1)
+        return list(itertools.islice(self.window, skip, None))
+
+    def mark_gone(self) -> None:
+        self.gone = True
+        self._notify()
+
+    def request_refresh(self, check_gone: bool = False) -> None:
+        self._check_gone = self._check_gone or check_gone
+        if self._refresh is not None and not self._refresh.done():
+            self._again = True
+            return
+        self._refresh = asyncio.create_task(self._run_refresh(), name="streamkeep-tail-refresh")
+
+    async def _run_refresh(self) -> None:
+        while True:
+            self._again = False
+            check_gone, self._check_gone = self._check_gone, False
+            try:
+                await self._read_new_rows(check_gone)
+            except StreamError as exc:
+                # Readers retry on their next wake-up or safety poll.
+                log.warning("tail refresh of %r failed: %s", self.stream_id, exc)
+            if not self._again:
+                return
+
+    async def _read_new_rows(self, check_gone: bool) -> None:
+        manager = self._manager
+        while True:
+            page = await manager.store.read(
+                self.stream_id, self.last_seq, manager.page_size, manager.clock()
+            )
+            self.offer(page)
+            if len(page) < manager.page_size:
+                break
+        if check_gone and not page:
+            info = await manager.store.info(self.stream_id)
+            if info is None or info.expired(manager.clock()):
+                self.mark_gone()
+            elif info.last_seq > self.last_seq:
+                self._again = True
+
+
+class StreamWriter:
+    """The producer's handle on one open stream.
+
+    Every call returns once its event is committed. `send` is the pipelined
+    form: it queues the chunk and returns a future, so a fast producer can have
+    many chunks in one group commit while still learning of every failure.
+    """
+
+    def __init__(self, manager: StreamManager, stream_id: str) -> None:
+        self._manager = manager
+        self.stream_id = stream_id
+        self._ended: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended is not None
+
+    def _check_open(self) -> None:
+        if self._ended is not None:
+            raise StreamError(
+                Status.FAILED_PRECONDITION,
+                f"stream writer is {self._ended}; nothing more can be written",
+            )
+
+    def send(self, chunk: Any, *, type: str | None = None) -> asyncio.Future[list[Event]]:
+        self._check_open()
+        return self._manager.submit(AppendRequest(self.stream_id, [NewEvent.chunk(chunk, type)]))
+
+    def send_event(self, event: NewEvent) -> asyncio.Future[list[Event]]:
+        self._check_open()
+        if event.kind.is_terminal:
+            raise StreamError(
+                Status.INVALID_ARGUMENT, "use done(), error() or close() to end a stream"
+            )
+        return self._manager.submit(AppendRequest(self.stream_id, [event]))
+
+    async def write(self, chunk: Any, *, type: str | None = None) -> Event:
+        return (await self.send(chunk, type=type))[0]
+
+    async def done(self, output: Any) -> Event:
+        return await self._end("done", NewEvent.done(output))
+
+    async def error(self, err: BaseException | StreamError) -> Event:
+        return await self._end("failed", NewEvent.error(as_stream_error(err)))
+
+    async def close(self) -> None:
+        """Release the stream without a result: it ends as `closed`, its readers stop."""
+        if self._ended is not None:
+            return
+        try:
+            await self._end("closed", NewEvent.closed())
+        except StreamError as exc:
+            if exc.status is not Status.FAILED_PRECONDITION:
+                raise
+
+    async def _end(self, how: str, event: NewEvent) -> Event:
+        self._check_open()
+        # Refuse further writes at once, before the terminal event is committed.
+        self._ended = how
+        events = await self._manager.submit(AppendRequest(self.stream_id, [event]))
+        return events[0]
+
+
+class StreamManager:
+    """Durable streams with Genkit's StreamManager semantics, on any StreamStore."""
+
+    def __init__(
+        self,
+        store: StreamStore,
+        *,
+        notifier: Notifier | None = None,
+        clock: Clock = utcnow,
+        ttl_seconds: int = 300,
+        idle_timeout_seconds: int | None = 600,
+        page_size: int = 1000,
+        max_batch: int = 1000,
+        tail_window: int = 1024,
+        safety_poll_seconds: float = 30.0,
+        sweep_batch_size: int = 5000,
+    ) -> None:
+        self.store = store
+        self.notifier = notifier
+        self.clock = clock
+        self.ttl_seconds = ttl_seconds
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.page_size = page_size
+        self.tail_window = tail_window
+        self.safety_poll_seconds = safety_poll_seconds
+        self.sweep_batch_size = sweep_batch_size
+        self._max_batch = max_batch
+        self._committer: _Committer | None = None
+        self._tails: dict[str, _Tail] = {}
+        self._committing: set[str] = set()
+        self._started = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        if self.notifier is not None:
+            await self.notifier.start(self)
+
+    async def close(self) -> None:
+        """Commit what is pending, stop listening, release the database."""
+        if self._committer is not None:
+            await self._committer.stop()
+        if self.notifier is not None:
+            await self.notifier.stop()
+        for tail in list(self._tails.values()):
+            tail.mark_gone()
+        await self.store.close()
+
+    async def __aenter__(self) -> StreamManager:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- producers ------------------------------------------------------------
+
+    async def open(
+        self,
+        stream_id: str,
+        *,
+        content_type: str = JSON_CONTENT_TYPE,
+        ttl_seconds: int | None = None,
+        idle_timeout_seconds: int | Literal["default"] | None = "default",
+    ) -> StreamWriter:
+        """Create a stream and return its writer; an existing id raises ALREADY_EXISTS."""
+        validate_stream_id(stream_id)
+        if ttl_seconds is not None and ttl_seconds < 0:
+            raise StreamError(Status.INVALID_ARGUMENT, "ttl_seconds must not be negative")
+        spec = NewStream(
+            id=stream_id,
+            content_type=content_type,
+            ttl_seconds=self.ttl_seconds if ttl_seconds is None else ttl_seconds,
+            idle_timeout_seconds=(
+                self.idle_timeout_seconds
+                if idle_timeout_seconds == "default"
+                else idle_timeout_seconds
+            ),
+        )
+        await self.store.create(spec, self.clock())
+        return StreamWriter(self, stream_id)
+
+    def writer(self, stream_id: str) -> StreamWriter:
+        """A writer for a stream opened elsewhere (another request, another process)."""
+        validate_stream_id(stream_id)
+        return StreamWriter(self, stream_id)
+
+    def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
+        """Queue an append for the next group commit."""
+        if not request.events:
+            raise StreamError(Status.INVALID_ARGUMENT, "an append needs at least one event")
+        if any(e.kind.is_terminal for e in request.events[:-1]):
+            raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
+        if self._committer is None:
+            self._committer = _Committer(self, self._max_batch)
+        return self._committer.submit(request)
+
+    async def append(self, stream_id: str, events: list[NewEvent]) -> list[Event]:
+        """Append events to a stream atomically; returns them numbered."""
+        return await self.submit(AppendRequest(stream_id, events))
+
+    # -- readers --------------------------------------------------------------
+
+    async def info(self, stream_id: str) -> StreamInfo:
+        """The stream's metadata; NOT_FOUND when unknown or expired."""
+        info = await self.store.info(stream_id)
+        if info is None or info.expired(self.clock()):
+            raise not_found(stream_id)
+        return info
+
+    async def read(self, stream_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
+        """One page of events after the cursor; NOT_FOUND when the stream is gone."""
+        events = await self.store.read(stream_id, after, limit or self.page_size, self.clock())
+        if not events:
+            await self.info(stream_id)
+        return events
+
+    async def subscribe(self, stream_id: str, after: int | None = None) -> AsyncIterator[Event]:
+        """Every event after the cursor, then live ones, ending after the terminal event.
+
+        Raises NOT_FOUND here, before anything is yielded, so that a protocol can
+        still answer 404 or 204. Use it with `contextlib.aclosing` (or run it to
+        the end) so the reader is unregistered at once.
+        """
+        info = await self.info(stream_id)
+        return self._follow(stream_id, after or 0, info.last_seq)
+
+    async def _follow(self, stream_id: str, cursor: int, known_last: int) -> AsyncIterator[Event]:
+        tail = self._attach(stream_id, known_last)
+        try:
+            while True:
+                events = tail.after(cursor)
+                if events is None:
+                    events = await self.store.read(stream_id, cursor, self.page_size, self.clock())
+                    if not events:
+                        raise not_found(stream_id)  # rows vanished below us: deleted
+                    tail.offer(events)
+                if events:
+                    for event in events:
+                        yield event
+                        if event.is_terminal:
+                            return
+                    cursor = events[-1].seq
+                    continue
+                if tail.gone:
+                    raise not_found(stream_id)
+                changed = tail.changed()
+                done, _ = await asyncio.wait({changed}, timeout=self.safety_poll_seconds)
+                if not done:
+                    tail.request_refresh(check_gone=True)
+        finally:
+            self._detach(tail)
+
+    def _attach(self, stream_id: str, known_last: int) -> _Tail:
+        tail = self._tails.get(stream_id)
+        if tail is None or tail.gone:
+            tail = _Tail(self, stream_id, known_last)
+            self._tails[stream_id] = tail
+        elif known_last > tail.last_seq:
+            tail.request_refresh()
+        tail.readers += 1
+        return tail
+
+    def _detach(self, tail: _Tail) -> None:
+        tail.readers -= 1
+        if tail.readers <= 0 and self._tails.get(tail.stream_id) is tail:
+            del self._tails[tail.stream_id]
+
+    # -- wake-ups ---------------------------------------------------------------
+
+    def _publish(self, committed: list[Event]) -> None:
+        """Hand freshly committed events to local tails: no read needed."""
+        if not committed or not self._tails:
+            return
+        by_stream: dict[str, list[Event]] = {}
+        for event in committed:
+            by_stream.setdefault(event.stream_id, []).append(event)
+        for stream_id, events in by_stream.items():
+            tail = self._tails.get(stream_id)
+            if tail is not None:
+                tail.offer(events)
+
+    def _commit_finished(self) -> None:
+        for stream_id in self._committing:
+            tail = self._tails.get(stream_id)
+            if tail is not None and tail.held_hint:
+                if tail.held_hint > tail.last_seq:
+                    tail.request_refresh()
+                tail.held_hint = 0
+        self._committing = set()
+
+    def watched(self) -> dict[str, int]:
+        """Streams with local readers and the last seq each has seen."""
+        return {stream_id: tail.last_seq for stream_id, tail in self._tails.items()}
+
+    def hint(self, stream_id: str, last_seq: int) -> None:
+        """Another process committed up to `last_seq` (negative: deleted)."""
+        tail = self._tails.get(stream_id)
+        if tail is None:
+            return
+        if last_seq < 0:
+            tail.request_refresh(check_gone=True)
+        elif stream_id in self._committing:
+            # Probably our own commit announcing itself: its events are about to
+            # be published without a read. Check again once it is.
+            tail.held_hint = max(tail.held_hint, last_seq)
+        elif last_seq > tail.last_seq:
+            tail.request_refresh()
+
+    def wake_all(self) -> None:
+        """After a lost connection: every reader re-checks the rows."""
+        for tail in self._tails.values():
+            tail.request_refresh(check_gone=True)
+
+    # -- retention --------------------------------------------------------------
+
+    async def delete(self, stream_id: str) -> bool:
+        deleted = await self.store.delete(stream_id)
+        tail = self._tails.get(stream_id)
+        if deleted and tail is not None:
+            tail.mark_gone()
+        return deleted
+
+    async def sweep(self, now: datetime | None = None) -> SweepReport:
+        """End abandoned streams and delete expired ones (one pass, bounded batches)."""
+        now = now or self.clock()
+        async with self.store.sweep_lock() as granted:
+            if not granted:
+                return SweepReport(skipped=True)
+            report = SweepReport()
+            await self._end_abandoned(now, report)
+            streams, events = await self.store.purge_expired(now, self.sweep_batch_size)
+            report.deleted_streams, report.deleted_events = streams, events
+            return report
+
+    async def _end_abandoned(self, now: datetime, report: SweepReport) -> None:
+        abandoned = StreamError(Status.ABORTED, ABANDONED_MESSAGE)
+        while ids := await self.store.find_abandoned(now, self.sweep_batch_size):
+            futures = [
+                self.submit(AppendRequest(i, [NewEvent.error(abandoned)], abandoned_by=now))
+                for i in ids
+            ]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            for stream_id, result in zip(ids, results, strict=True):
+                if isinstance(result, list):
+                    report.abandoned += 1
+                    report.abandoned_ids.append(stream_id)
+                elif isinstance(result, StreamError) and result.status in (
+                    Status.FAILED_PRECONDITION,
+                    Status.NOT_FOUND,
+                ):
+                    continue  # the producer wrote or finished at the last moment
+                else:
+                    raise result
+            if len(ids) < self.sweep_batch_size:
+                return

@@ -1,0 +1,113 @@
+"""The tables, as SQLAlchemy Core sees them. Alembic revisions create them;
+a test checks that the migration head and these definitions agree."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python; timestamptz on Postgres, readable text on SQLite.
+
+    SQLite stores naive ISO text, which compares correctly as long as every
+    value is UTC; this type makes sure of that in both directions.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the log; use UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+STATUSES = ("open", "done", "error", "closed")
+KINDS = ("chunk", "done", "error", "closed")
+
+streams = Table(
+    "streams",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("content_type", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime, nullable=True),
+    # How long a finished stream stays readable.
+    Column("ttl_seconds", Integer, nullable=False),
+    # When the stream is gone for readers; the sweeper deletes it after that.
+    Column("expires_at", UtcDateTime, nullable=True),
+    # How long an open stream may go without a write before the sweeper ends it.
+    Column("idle_timeout_seconds", Integer, nullable=True),
+    Column("abandon_at", UtcDateTime, nullable=True),
+    Column("last_write_at", UtcDateTime, nullable=False),
+    Column("last_seq", BigInteger, nullable=False, server_default=text("0")),
+    Column("output", LargeBinary, nullable=True),
+    Column("error_status", Text, nullable=True),
+    Column("error_message", Text, nullable=True),
+    PrimaryKeyConstraint("id"),
+    CheckConstraint("status IN ('open', 'done', 'error', 'closed')", name="status_known"),
+    CheckConstraint("last_seq >= 0", name="last_seq_nonneg"),
+    CheckConstraint("ttl_seconds >= 0", name="ttl_nonneg"),
+)
+Index("ix_streams_expires_at", streams.c.expires_at)
+Index("ix_streams_abandon_at", streams.c.abandon_at)
+
+events = Table(
+    "events",
+    metadata,
+    Column(
+        "stream_id",
+        Text,
+        ForeignKey("streams.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("seq", BigInteger, nullable=False),
+    Column("kind", Text, nullable=False),
+    # An event type name for typed streams (SSE `event:`); null for plain chunks.
+    Column("type", Text, nullable=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("stream_id", "seq"),
+    CheckConstraint("kind IN ('chunk', 'done', 'error', 'closed')", name="kind_known"),
+    CheckConstraint("seq > 0", name="seq_positive"),
+)

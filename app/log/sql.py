@@ -1,0 +1,391 @@
+"""The SQL store: SQLite through aiosqlite, Postgres through asyncpg, SQLAlchemy Core.
+
+Dialect differences are kept to a few spots: the upsert helper, the NOTIFY
+inside the append transaction, and the advisory lock of the sweeper.
+
+Ordering guarantee: an append locks its stream's row (Postgres: SELECT ... FOR
+UPDATE; SQLite: BEGIN IMMEDIATE locks the whole file) and bumps last_seq in the
+same transaction as the event insert. The next writer of that stream waits
+for the commit, so commit order equals seq order, numbers have no gaps, and a
+reader asking for seq > N can never see N+2 before N+1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, bindparam, delete, exists, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.errors import Status, StreamError
+from app.log.api import AppendRequest, Event, EventKind, NewStream, StreamInfo, StreamStatus
+from app.log.db import is_sqlite, postgres_engine, sqlite_engine
+from app.log.schema import events, streams
+from app.log.store import (
+    AppendOutcome,
+    StreamPlan,
+    already_exists,
+    group_by_stream,
+    new_stream_info,
+    plan_appends,
+)
+
+NOTIFY_CHANNEL = "streamkeep"
+# Postgres refuses NOTIFY payloads of 8000 bytes or more.
+NOTIFY_PAYLOAD_LIMIT = 7000
+# Any constant works; it only has to be the same in every replica.
+SWEEP_LOCK_KEY = 0x5354524B  # "STRK"
+
+_KINDS = {k.value: k for k in EventKind}
+_STATUSES = {s.value: s for s in StreamStatus}
+
+
+def storage_error(exc: BaseException) -> StreamError:
+    """A StreamError for a failure of the database itself (the cause stays attached)."""
+    unavailable = isinstance(exc, OSError | TimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+    name = type(getattr(exc, "orig", None) or exc).__name__
+    if unavailable or "Operational" in name or "Interface" in name or "Connection" in name:
+        return StreamError(Status.UNAVAILABLE, f"database unavailable ({name})")
+    return StreamError(Status.INTERNAL, f"storage failure ({name})")
+
+
+@asynccontextmanager
+async def _translated() -> AsyncIterator[None]:
+    try:
+        yield
+    except StreamError:
+        raise
+    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+        raise storage_error(exc) from exc
+
+
+class SqlStore:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        busy_timeout_ms: int = 5000,
+        sqlite_synchronous: str = "NORMAL",
+        pool_size: int = 5,
+    ) -> None:
+        self.url = url
+        self.dialect = "sqlite" if is_sqlite(url) else "postgresql"
+        self.name = self.dialect
+        if self.dialect == "sqlite":
+            self.writer: AsyncEngine = sqlite_engine(
+                url, writer=True, busy_timeout_ms=busy_timeout_ms, synchronous=sqlite_synchronous
+            )
+            self.reader: AsyncEngine = sqlite_engine(
+                url,
+                writer=False,
+                busy_timeout_ms=busy_timeout_ms,
+                synchronous=sqlite_synchronous,
+                pool_size=pool_size,
+            )
+        else:
+            self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
+
+    # -- writes ---------------------------------------------------------------
+
+    async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
+        info = new_stream_info(spec, now)
+        async with _translated(), self.writer.begin() as conn:
+            # An expired stream is gone for everyone already; its id is free again.
+            await conn.execute(
+                delete(streams).where(streams.c.id == spec.id, streams.c.expires_at <= now)
+            )
+            inserted = await conn.execute(
+                self._insert_ignoring_conflict(_info_row(info)).returning(streams.c.id)
+            )
+            if inserted.first() is None:
+                raise already_exists(spec.id)
+        return info
+
+    async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
+        groups = group_by_stream(requests)
+        outcomes: list[AppendOutcome | None] = [None] * len(requests)
+        async with _translated(), self.writer.begin() as conn:
+            current = await self._lock_streams(conn, sorted(groups))
+            plans: list[StreamPlan] = []
+            for stream_id in sorted(groups):
+                indexes = groups[stream_id]
+                plan, results = plan_appends(
+                    stream_id, current.get(stream_id), [requests[i] for i in indexes], now
+                )
+                if plan is not None:
+                    plans.append(plan)
+                for i, result in zip(indexes, results, strict=True):
+                    outcomes[i] = result
+            if plans:
+                await self._write_plans(conn, plans)
+        return [o for o in outcomes if o is not None]
+
+    async def _lock_streams(self, conn: AsyncConnection, ids: list[str]) -> dict[str, StreamInfo]:
+        # ORDER BY id makes every transaction lock rows in the same order, so two
+        # batches touching the same streams cannot deadlock.
+        query = select(streams).where(streams.c.id.in_(ids)).order_by(streams.c.id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        rows = await conn.execute(query)
+        return {row.id: _row_info(row) for row in rows}
+
+    async def _write_plans(self, conn: AsyncConnection, plans: list[StreamPlan]) -> None:
+        await conn.execute(
+            update(streams).where(streams.c.id == bindparam("_id")),
+            [_update_params(plan.info) for plan in plans],
+        )
+        await conn.execute(
+            events.insert(),
+            [
+                {
+                    "stream_id": e.stream_id,
+                    "seq": e.seq,
+                    "kind": e.kind.value,
+                    "type": e.type,
+                    "payload": e.payload,
+                    "created_at": e.created_at,
+                }
+                for plan in plans
+                for e in plan.events
+            ],
+        )
+        if self.dialect == "postgresql":
+            # Delivered at COMMIT and dropped on rollback, so a wake-up never
+            # announces rows that do not exist. One NOTIFY per transaction, not
+            # per event: notifying commits are serialised cluster-wide.
+            for payload in _notify_payloads([(p.info.id, p.info.last_seq) for p in plans]):
+                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+    def _insert_ignoring_conflict(self, row: dict[str, Any]) -> Any:
+        if self.dialect == "postgresql":
+            return pg_insert(streams).values(row).on_conflict_do_nothing(index_elements=["id"])
+        return sqlite_insert(streams).values(row).on_conflict_do_nothing(index_elements=["id"])
+
+    # -- reads ----------------------------------------------------------------
+
+    async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
+        query = (
+            select(
+                events.c.seq, events.c.kind, events.c.type, events.c.payload, events.c.created_at
+            )
+            .join(streams, streams.c.id == events.c.stream_id)
+            .where(
+                events.c.stream_id == stream_id,
+                events.c.seq > after,
+                (streams.c.expires_at.is_(None)) | (streams.c.expires_at > now),
+            )
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+        async with _translated(), self.reader.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        kinds = _KINDS
+        return [
+            Event(stream_id, seq, kinds[kind], bytes(payload), created_at, type_)
+            for seq, kind, type_, payload, created_at in rows
+        ]
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        async with _translated(), self.reader.connect() as conn:
+            row = (await conn.execute(select(streams).where(streams.c.id == stream_id))).first()
+        return _row_info(row) if row is not None else None
+
+    async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
+        if not stream_ids:
+            return {}
+        query = select(streams.c.id, streams.c.last_seq).where(streams.c.id.in_(list(stream_ids)))
+        async with _translated(), self.reader.connect() as conn:
+            return {row.id: row.last_seq for row in await conn.execute(query)}
+
+    # -- retention ------------------------------------------------------------
+
+    async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
+        query = (
+            select(streams.c.id)
+            .where(streams.c.status == StreamStatus.OPEN.value, streams.c.abandon_at <= now)
+            .order_by(streams.c.abandon_at)
+            .limit(limit)
+        )
+        async with _translated(), self.reader.connect() as conn:
+            return list((await conn.execute(query)).scalars())
+
+    async def purge_expired(self, now: datetime, batch_size: int) -> tuple[int, int]:
+        """Delete expired streams, never more than about `batch_size` rows per transaction.
+
+        Small streams go many at a time (the events follow by ON DELETE CASCADE);
+        a large stream loses its events in seq ranges first, so that no single
+        transaction holds the write lock for long.
+        """
+        deleted_streams = deleted_events = 0
+        while True:
+            async with _translated(), self.reader.connect() as conn:
+                expired = (
+                    await conn.execute(
+                        select(streams.c.id, streams.c.last_seq)
+                        .where(streams.c.expires_at <= now)
+                        .order_by(streams.c.expires_at)
+                        .limit(batch_size)
+                    )
+                ).all()
+            if not expired:
+                return deleted_streams, deleted_events
+            # stream id -> events it still holds (a large one loses them in ranges first)
+            group: dict[str, int] = {}
+            for stream_id, last_seq in expired:
+                remaining = last_seq
+                if last_seq > batch_size:
+                    deleted_events += await self._delete_event_ranges(
+                        stream_id, last_seq, now, batch_size
+                    )
+                    remaining = 0
+                if group and sum(group.values()) + remaining > batch_size:
+                    s, e = await self._delete_streams(group, now)
+                    deleted_streams, deleted_events = deleted_streams + s, deleted_events + e
+                    group = {}
+                group[stream_id] = remaining
+            s, e = await self._delete_streams(group, now)
+            deleted_streams, deleted_events = deleted_streams + s, deleted_events + e
+
+    async def _delete_event_ranges(
+        self, stream_id: str, last_seq: int, now: datetime, batch_size: int
+    ) -> int:
+        still_expired = exists().where(streams.c.id == stream_id, streams.c.expires_at <= now)
+        deleted = 0
+        for upper in range(batch_size, last_seq + batch_size, batch_size):
+            async with _translated(), self.writer.begin() as conn:
+                # The EXISTS guard: if the id was re-created meanwhile, the new
+                # stream's events are not ours to delete.
+                result = await conn.execute(
+                    delete(events).where(
+                        events.c.stream_id == stream_id,
+                        events.c.seq > upper - batch_size,
+                        events.c.seq <= upper,
+                        still_expired,
+                    )
+                )
+                deleted += result.rowcount or 0
+        return deleted
+
+    async def _delete_streams(self, remaining: dict[str, int], now: datetime) -> tuple[int, int]:
+        async with _translated(), self.writer.begin() as conn:
+            deleted = (
+                (
+                    await conn.execute(
+                        delete(streams)
+                        .where(streams.c.id.in_(list(remaining)), streams.c.expires_at <= now)
+                        .returning(streams.c.id)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        return len(deleted), sum(remaining[i] for i in deleted)
+
+    async def delete(self, stream_id: str) -> bool:
+        async with _translated(), self.writer.begin() as conn:
+            result = await conn.execute(delete(streams).where(streams.c.id == stream_id))
+            if result.rowcount and self.dialect == "postgresql":
+                # seq -1 tells other processes' readers that the stream is gone.
+                payload = json.dumps([[stream_id, -1]])
+                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+            return bool(result.rowcount)
+
+    @asynccontextmanager
+    async def sweep_lock(self) -> AsyncIterator[bool]:
+        if self.dialect == "sqlite":
+            # BEGIN IMMEDIATE already serialises sweepers on one file, and every
+            # sweep step is conditional, so two sweepers cannot do harm.
+            yield True
+            return
+        async with _translated(), self.writer.connect() as conn:
+            got = bool(await conn.scalar(select(func.pg_try_advisory_lock(SWEEP_LOCK_KEY))))
+            await conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute(select(func.pg_advisory_unlock(SWEEP_LOCK_KEY)))
+                    await conn.commit()
+
+    async def close(self) -> None:
+        await self.writer.dispose()
+        if self.reader is not self.writer:
+            await self.reader.dispose()
+
+
+def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
+    """JSON lists of [stream_id, last_seq], split to fit NOTIFY's payload limit."""
+    payloads: list[str] = []
+    batch: list[tuple[str, int]] = []
+    size = 2
+    for stream_id, last_seq in heads:
+        entry_size = len(json.dumps([stream_id, last_seq]).encode()) + 1
+        if batch and size + entry_size > NOTIFY_PAYLOAD_LIMIT:
+            payloads.append(json.dumps(batch, separators=(",", ":")))
+            batch, size = [], 2
+        if entry_size > NOTIFY_PAYLOAD_LIMIT:
+            continue  # an absurdly long id: its readers fall back to the safety poll
+        batch.append((stream_id, last_seq))
+        size += entry_size
+    if batch:
+        payloads.append(json.dumps(batch, separators=(",", ":")))
+    return payloads
+
+
+def _row_info(row: Row[Any]) -> StreamInfo:
+    m = row._mapping
+    return StreamInfo(
+        id=m["id"],
+        content_type=m["content_type"],
+        status=_STATUSES[m["status"]],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        finished_at=m["finished_at"],
+        ttl_seconds=m["ttl_seconds"],
+        expires_at=m["expires_at"],
+        idle_timeout_seconds=m["idle_timeout_seconds"],
+        abandon_at=m["abandon_at"],
+        last_write_at=m["last_write_at"],
+        last_seq=m["last_seq"],
+        output=bytes(m["output"]) if m["output"] is not None else None,
+        error_status=m["error_status"],
+        error_message=m["error_message"],
+    )
+
+
+def _info_row(info: StreamInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "content_type": info.content_type,
+        "status": info.status.value,
+        "created_at": info.created_at,
+        "updated_at": info.updated_at,
+        "finished_at": info.finished_at,
+        "ttl_seconds": info.ttl_seconds,
+        "expires_at": info.expires_at,
+        "idle_timeout_seconds": info.idle_timeout_seconds,
+        "abandon_at": info.abandon_at,
+        "last_write_at": info.last_write_at,
+        "last_seq": info.last_seq,
+        "output": info.output,
+        "error_status": info.error_status,
+        "error_message": info.error_message,
+    }
+
+
+def _update_params(info: StreamInfo) -> dict[str, Any]:
+    row = _info_row(info)
+    row["_id"] = row.pop("id")
+    for unchanged in ("content_type", "created_at", "ttl_seconds", "idle_timeout_seconds"):
+        del row[unchanged]
+    return row
