@@ -1,0 +1,94 @@
+"""The HTTP service: wires the log, its wake-ups and the sweeper into Litestar."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar, get
+from litestar.datastructures import State
+
+from app import __version__
+from app.config import Settings
+from app.log import StreamManager, create_manager
+from app.log.db import is_sqlite, normalize_url
+from app.migrate import check_at_head, upgrade
+
+log = logging.getLogger("streamkeep")
+
+
+def build_manager(settings: Settings) -> StreamManager:
+    return create_manager(
+        settings.database_url,
+        ttl_seconds=settings.ttl_seconds,
+        idle_timeout_seconds=settings.idle_timeout,
+        sqlite_poll_seconds=settings.sqlite_poll_seconds,
+        sqlite_busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        safety_poll_seconds=settings.safety_poll_seconds,
+        sweep_batch_size=settings.sweep_batch_size,
+        pool_size=settings.pool_size,
+    )
+
+
+async def prepare_schema(settings: Settings) -> None:
+    """Migrate (when allowed) or refuse to run on a schema that is not at head."""
+    if settings.database_url == "memory":
+        return
+    auto = settings.auto_migrate
+    if auto is None:
+        auto = is_sqlite(normalize_url(settings.database_url))
+    if auto:
+        await upgrade(settings.database_url)
+    await check_at_head(settings.database_url)
+
+
+async def sweep_forever(manager: StreamManager, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await manager.sweep()
+        except Exception:
+            log.exception("sweep failed; trying again in %.0f s", interval)
+            continue
+        if report.abandoned or report.deleted_streams:
+            log.info(
+                "sweep: ended %d abandoned streams, deleted %d streams (%d events)",
+                report.abandoned,
+                report.deleted_streams,
+                report.deleted_events,
+            )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        await prepare_schema(settings)
+        manager = build_manager(settings)
+        await manager.start()
+        app.state.manager = manager
+        sweeper = asyncio.create_task(sweep_forever(manager, settings.sweep_interval_seconds))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await manager.close()
+
+    return Litestar(
+        route_handlers=[healthz],
+        lifespan=[lifespan],
+        state=State({"settings": settings}),
+    )
+
+
+@get("/healthz", sync_to_thread=False)
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok", "version": __version__}

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.log import MemoryStore, StreamManager, create_manager
+from app.log.memory import MemoryNotifier
+from app.migrate import upgrade
+from tests.support import (
+    TEMPLATE_DB,
+    FakeClock,
+    PostgresServer,
+    copy_sqlite,
+    drop_database,
+    new_database,
+)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = PostgresServer.start()
+    server.admin(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")
+    server.admin(f"CREATE DATABASE {TEMPLATE_DB}")
+    asyncio.run(upgrade(server.database_url(TEMPLATE_DB)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """A fresh, migrated database on the session's Postgres server."""
+    name, url = new_database(pg_server)
+    yield url
+    drop_database(pg_server, name)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "template.db"
+    asyncio.run(upgrade(f"sqlite:///{path}"))
+    return path
+
+
+@pytest.fixture
+def sqlite_url(sqlite_template: Path, tmp_path: Path) -> str:
+    """A fresh, migrated SQLite file."""
+    return copy_sqlite(sqlite_template, tmp_path / "streams.db")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str:
+    """The database of this test's backend ("memory" for the in-memory store)."""
+    if backend == "memory":
+        return "memory"
+    return str(request.getfixturevalue("sqlite_url" if backend == "sqlite" else "pg_url"))
+
+
+ManagerFactory = Callable[..., StreamManager]
+
+
+@pytest.fixture
+async def make_manager(database_url: str, clock: FakeClock) -> AsyncIterator[ManagerFactory]:
+    """Builds started managers on this test's database; closes them all afterwards.
+
+    In memory, every manager shares one store: they stand for several
+    "processes" the way several SQL managers share one database.
+    """
+    made: list[StreamManager] = []
+    shared_store = MemoryStore()
+
+    def factory(**kwargs: Any) -> StreamManager:
+        kwargs.setdefault("clock", clock)
+        kwargs.setdefault("sqlite_poll_seconds", 0.02)
+        if database_url == "memory":
+            kwargs.pop("sqlite_poll_seconds")
+            manager = StreamManager(shared_store, notifier=MemoryNotifier(shared_store), **kwargs)
+        else:
+            manager = create_manager(database_url, **kwargs)
+        made.append(manager)
+        return manager
+
+    yield factory
+    for manager in made:
+        await manager.close()
+
+
+@pytest.fixture
+async def manager(make_manager: ManagerFactory) -> StreamManager:
+    m = make_manager()
+    await m.start()
+    return m

@@ -1,0 +1,519 @@
+"""The event log's contract, run against every backend (memory, SQLite, Postgres).
+
+Several managers on one database stand for several processes: they share
+rows, and learn of each other's appends only through their notifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from app.errors import Status, StreamError
+from app.log import Event, EventKind, StreamManager, StreamStatus
+from tests.conftest import ManagerFactory
+from tests.support import CallCounter, FakeClock
+
+FALSY = [0, "", None, False, [], {}]
+
+
+async def collect(events: AsyncIterator[Event]) -> list[Event]:
+    out: list[Event] = []
+    async with asyncio.timeout(30), contextlib.aclosing(events) as stream:  # type: ignore[type-var]
+        async for event in stream:
+            out.append(event)
+    return out
+
+
+def chunks(events: list[Event]) -> list[Any]:
+    return [e.json() for e in events if e.kind is EventKind.CHUNK]
+
+
+def assert_gap_free(events: list[Event], start: int = 1) -> None:
+    assert [e.seq for e in events] == list(range(start, start + len(events)))
+
+
+# -- open, write, end ---------------------------------------------------------------
+
+
+async def test_open_existing_id_raises_already_exists(manager: StreamManager) -> None:
+    await manager.open("s")
+    with pytest.raises(StreamError) as err:
+        await manager.open("s")
+    assert err.value.status is Status.ALREADY_EXISTS
+
+
+async def test_write_after_done_raises_failed_precondition(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.write(1)
+    await writer.done("out")
+    for attempt in (writer.write(2), writer.done("again"), writer.error(RuntimeError("x"))):
+        with pytest.raises(StreamError) as err:
+            await attempt
+        assert err.value.status is Status.FAILED_PRECONDITION
+
+
+async def test_second_writer_cannot_append_to_a_finished_stream(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.done(None)
+    with pytest.raises(StreamError) as err:
+        await manager.writer("s").write("late")
+    assert err.value.status is Status.FAILED_PRECONDITION
+    assert (await manager.info("s")).last_seq == 1
+
+
+async def test_write_to_unknown_stream_is_not_found(manager: StreamManager) -> None:
+    with pytest.raises(StreamError) as err:
+        await manager.writer("nope").write(1)
+    assert err.value.status is Status.NOT_FOUND
+
+
+async def test_subscribe_unknown_stream_is_not_found(manager: StreamManager) -> None:
+    with pytest.raises(StreamError) as err:
+        await manager.subscribe("nope")
+    assert err.value.status is Status.NOT_FOUND
+
+
+@pytest.mark.parametrize("bad_id", ["", "x" * 1025, "a\x00b"])
+async def test_bad_stream_ids_are_rejected(manager: StreamManager, bad_id: str) -> None:
+    with pytest.raises(StreamError) as err:
+        await manager.open(bad_id)
+    assert err.value.status is Status.INVALID_ARGUMENT
+
+
+async def test_writes_return_committed_numbered_events(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    first = await writer.write({"a": 1})
+    second = await writer.write("two", type="greeting")
+    assert (first.seq, second.seq) == (1, 2)
+    assert second.type == "greeting"
+    stored = await manager.read("s")
+    assert [(e.seq, e.json(), e.type) for e in stored] == [
+        (1, {"a": 1}, None),
+        (2, "two", "greeting"),
+    ]
+
+
+async def test_close_ends_the_stream_without_a_result(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.write(1)
+    await writer.close()
+    await writer.close()  # releasing twice is harmless
+    events = await collect(await manager.subscribe("s"))
+    assert [e.kind for e in events] == [EventKind.CHUNK, EventKind.CLOSED]
+    assert (await manager.info("s")).status is StreamStatus.CLOSED
+    with pytest.raises(StreamError) as err:
+        await writer.write(2)
+    assert err.value.status is Status.FAILED_PRECONDITION
+
+
+# -- reading --------------------------------------------------------------------------
+
+
+async def test_replay_then_live(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    for i in range(3):
+        await writer.write(i)
+    reader = asyncio.create_task(collect(await manager.subscribe("s")))
+    await asyncio.sleep(0.05)
+    for i in range(3, 6):
+        await writer.write(i)
+    await writer.done("end")
+    events = await reader
+    assert chunks(events) == [0, 1, 2, 3, 4, 5]
+    assert events[-1].kind is EventKind.DONE and events[-1].json() == "end"
+    assert_gap_free(events)
+
+
+async def test_resume_after_cursor(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    for i in range(10):
+        await writer.write(i)
+    await writer.done("end")
+    events = await collect(await manager.subscribe("s", after=4))
+    assert [e.seq for e in events] == list(range(5, 12))
+    assert chunks(events) == [4, 5, 6, 7, 8, 9]
+
+
+async def test_reader_joining_mid_stream_gets_every_event_once(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+
+    async def produce() -> None:
+        for i in range(200):
+            await writer.write(i)
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        await writer.done("end")
+
+    producer = asyncio.create_task(produce())
+    await asyncio.sleep(0.01)
+    late_readers = [asyncio.create_task(collect(await manager.subscribe("s"))) for _ in range(5)]
+    await producer
+    for events in await asyncio.gather(*late_readers):
+        assert chunks(events) == list(range(200))
+        assert_gap_free(events)
+
+
+async def test_finished_stream_replays_everything_and_its_terminal(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.write("a")
+    await writer.done({"answer": 42})
+    for _ in range(2):
+        events = await collect(await manager.subscribe("s"))
+        assert chunks(events) == ["a"]
+        assert events[-1].kind is EventKind.DONE
+        assert events[-1].json() == {"answer": 42}
+
+
+async def test_error_keeps_status_and_message(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.write("a")
+    await writer.error(StreamError(Status.INVALID_ARGUMENT, "bad input", {"field": "x"}))
+    events = await collect(await manager.subscribe("s"))
+    error = events[-1].as_error()
+    assert (error.status, error.message, error.details) == (
+        Status.INVALID_ARGUMENT,
+        "bad input",
+        {"field": "x"},
+    )
+    info = await manager.info("s")
+    assert (info.status, info.error_status, info.error_message) == (
+        StreamStatus.ERROR,
+        "INVALID_ARGUMENT",
+        "bad input",
+    )
+
+
+async def test_plain_exception_becomes_internal_error(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.error(ValueError("boom"))
+    events = await collect(await manager.subscribe("s"))
+    assert events[-1].as_error() == StreamError(Status.INTERNAL, "boom")
+
+
+async def test_falsy_chunks_survive_unchanged(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    for chunk in FALSY:
+        await writer.write(chunk)
+    await writer.done(None)
+    events = await collect(await manager.subscribe("s"))
+    assert chunks(events) == FALSY
+    assert [type(c) for c in chunks(events)] == [type(c) for c in FALSY]
+    assert events[-1].kind is EventKind.DONE and events[-1].json() is None
+
+
+async def test_non_ascii_chunks_survive(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    await writer.write("héllo wörld ✓ 🚀")
+    await writer.done("ok")
+    assert chunks(await collect(await manager.subscribe("s"))) == ["héllo wörld ✓ 🚀"]
+
+
+async def test_slow_reader_gets_every_chunk_and_never_blocks_the_writer(
+    manager: StreamManager,
+) -> None:
+    """Regression: Genkit's Go manager drops chunks for a reader 100 behind."""
+    writer = await manager.open("s")
+    received: list[Event] = []
+    first_read = asyncio.Event()
+
+    async def slow_reader() -> None:
+        async with contextlib.aclosing(await manager.subscribe("s")) as stream:  # type: ignore[type-var]
+            async for event in stream:
+                received.append(event)
+                first_read.set()
+                await asyncio.sleep(0.001)
+
+    reader = asyncio.create_task(slow_reader())
+    await writer.write(0)
+    await first_read.wait()
+    for i in range(1, 1000):
+        await writer.write(i)
+    await writer.done("end")
+    # The writer finished while the reader is far behind: it never waited for it.
+    assert len(received) < 1001
+    await asyncio.wait_for(reader, 60)
+    assert chunks(received) == list(range(1000))
+    assert_gap_free(received)
+
+
+@pytest.mark.parametrize("count", [100, 1000])
+async def test_reconnect_to_finished_stream(manager: StreamManager, count: int) -> None:
+    """Regression: exactly 100 (and 1,000) buffered chunks deadlock Genkit's Go manager."""
+    writer = await manager.open("s")
+    futures = [writer.send(i) for i in range(count)]
+    await asyncio.gather(*futures)
+    await writer.done("end")
+    for _ in range(2):
+        events = await collect(await manager.subscribe("s"))
+        assert chunks(events) == list(range(count))
+        assert events[-1].json() == "end"
+
+
+async def test_reconnect_to_running_stream_with_more_than_100_chunks(
+    manager: StreamManager,
+) -> None:
+    """Regression: Go's Subscribe stalls the flow once 100+ chunks are buffered."""
+    writer = await manager.open("s")
+    await asyncio.gather(*[writer.send(i) for i in range(150)])
+    reader = asyncio.create_task(collect(await manager.subscribe("s")))
+    await asyncio.sleep(0.02)
+    await asyncio.wait_for(writer.write(150), 5)  # the writer is not stalled
+    await writer.done("end")
+    assert chunks(await reader) == list(range(151))
+
+
+# -- concurrency ----------------------------------------------------------------------
+
+
+async def test_twenty_writers_and_twenty_readers(manager: StreamManager) -> None:
+    writers = [await manager.open(f"s{i}") for i in range(20)]
+    readers = [asyncio.create_task(collect(await manager.subscribe(f"s{i}"))) for i in range(20)]
+
+    async def produce(i: int) -> None:
+        for n in range(50):
+            await writers[i].write([i, n])
+        await writers[i].done(i)
+
+    await asyncio.gather(*[produce(i) for i in range(20)])
+    for i, events in enumerate(await asyncio.gather(*readers)):
+        assert chunks(events) == [[i, n] for n in range(50)]
+        assert events[-1].json() == i
+
+
+async def test_racing_opens_of_one_id(make_manager: ManagerFactory) -> None:
+    first, second = make_manager(), make_manager()
+    await first.start()
+    await second.start()
+    results = await asyncio.gather(first.open("race"), second.open("race"), return_exceptions=True)
+    errors = [r for r in results if isinstance(r, StreamError)]
+    assert len(errors) == 1 and errors[0].status is Status.ALREADY_EXISTS
+
+
+async def test_concurrent_writers_on_one_stream_leave_no_gap(make_manager: ManagerFactory) -> None:
+    managers = [make_manager() for _ in range(3)]
+    for m in managers:
+        await m.start()
+    await managers[0].open("hot")
+
+    async def produce(m: StreamManager, name: str) -> None:
+        writer = m.writer("hot")
+        for n in range(40):
+            await writer.write(f"{name}-{n}")
+
+    await asyncio.gather(
+        *[produce(m, f"w{i}{j}") for i, m in enumerate(managers) for j in range(3)]
+    )
+    events = await managers[0].read("hot", limit=10_000)
+    assert_gap_free(events)
+    values = chunks(events)
+    assert len(values) == len(set(values)) == 3 * 3 * 40
+    for i in range(3):
+        for j in range(3):
+            mine = [v for v in values if v.startswith(f"w{i}{j}-")]
+            assert mine == [f"w{i}{j}-{n}" for n in range(40)]  # each writer's order kept
+
+
+async def test_group_commit_batches_pipelined_sends(manager: StreamManager) -> None:
+    commits = CallCounter(manager.store, "commit")
+    writer = await manager.open("s")
+    await asyncio.gather(*[writer.send(i) for i in range(500)])
+    assert commits.count <= 2
+    assert chunks(await manager.read("s", limit=1000)) == list(range(500))
+
+
+async def test_one_bad_append_does_not_fail_its_batch(manager: StreamManager) -> None:
+    good = await manager.open("good")
+    finished = await manager.open("finished")
+    await finished.done(None)
+    late = manager.writer("finished").send("late")
+    fine = good.send("fine")
+    with pytest.raises(StreamError) as err:
+        await late
+    assert err.value.status is Status.FAILED_PRECONDITION
+    assert (await fine)[0].seq == 1
+
+
+# -- readers in other "processes" ----------------------------------------------------------
+
+
+async def test_reader_on_another_manager_sees_live_appends(make_manager: ManagerFactory) -> None:
+    producer, consumer = make_manager(), make_manager()
+    await producer.start()
+    await consumer.start()
+    writer = await producer.open("s")
+    await writer.write(0)
+    reader = asyncio.create_task(collect(await consumer.subscribe("s")))
+    await asyncio.sleep(0.05)
+    for i in range(1, 30):
+        await writer.write(i)
+    await writer.done("end")
+    events = await reader
+    assert chunks(events) == list(range(30))
+    assert_gap_free(events)
+
+
+async def test_many_local_readers_cost_no_read_per_local_event(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    readers = [asyncio.create_task(collect(await manager.subscribe("s"))) for _ in range(100)]
+    await asyncio.sleep(0.05)
+    reads = CallCounter(manager.store, "read")
+    for i in range(20):
+        await writer.write(i)
+    await writer.done("end")
+    for events in await asyncio.gather(*readers):
+        assert chunks(events) == list(range(20))
+    assert reads.count == 0  # committed events reach local readers without a query
+
+
+async def test_many_readers_of_a_remote_stream_share_one_read_per_wakeup(
+    make_manager: ManagerFactory,
+) -> None:
+    producer, consumer = make_manager(), make_manager()
+    await producer.start()
+    await consumer.start()
+    writer = await producer.open("s")
+    readers = [asyncio.create_task(collect(await consumer.subscribe("s"))) for _ in range(100)]
+    await asyncio.sleep(0.1)
+    reads = CallCounter(consumer.store, "read")
+    for i in range(10):
+        await writer.write(i)
+        await asyncio.sleep(0.05)
+    await writer.done("end")
+    for events in await asyncio.gather(*readers):
+        assert chunks(events) == list(range(10))
+    assert reads.count <= 2 * 11  # about one per wake-up, not one per reader (that would be 1,100)
+
+
+# -- retention ------------------------------------------------------------------------------
+
+
+async def test_finished_stream_expires_after_its_ttl(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    manager = make_manager(ttl_seconds=60)
+    await manager.start()
+    writer = await manager.open("s")
+    await writer.write(1)
+    await writer.done("x")
+    clock.advance(59)
+    assert (await manager.sweep()).deleted_streams == 0
+    assert chunks(await collect(await manager.subscribe("s"))) == [1]
+    clock.advance(2)
+    # Expired but not yet swept: already gone for readers.
+    with pytest.raises(StreamError) as err:
+        await manager.subscribe("s")
+    assert err.value.status is Status.NOT_FOUND
+    with pytest.raises(StreamError):
+        await manager.read("s")
+    report = await manager.sweep()
+    assert (report.deleted_streams, report.deleted_events) == (1, 2)
+    assert await manager.store.info("s") is None
+
+
+async def test_per_stream_ttl(manager: StreamManager, clock: FakeClock) -> None:
+    short = await manager.open("short", ttl_seconds=1)
+    long = await manager.open("long", ttl_seconds=3600)
+    await short.done(None)
+    await long.done(None)
+    clock.advance(10)
+    await manager.sweep()
+    assert await manager.store.info("short") is None
+    assert await manager.store.info("long") is not None
+
+
+async def test_expired_id_can_be_opened_again(manager: StreamManager, clock: FakeClock) -> None:
+    old = await manager.open("s", ttl_seconds=5)
+    await old.write("old")
+    await old.done(None)
+    clock.advance(6)
+    new = await manager.open("s")
+    await new.write("new")
+    await new.done(None)
+    assert chunks(await collect(await manager.subscribe("s"))) == ["new"]
+
+
+async def test_sweep_deletes_large_streams_in_bounded_batches(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    manager = make_manager(ttl_seconds=1, sweep_batch_size=100)
+    await manager.start()
+    for name, size in (("big", 450), ("small-1", 5), ("small-2", 7)):
+        writer = await manager.open(name)
+        await asyncio.gather(*[writer.send(i) for i in range(size)])
+        await writer.done(None)
+    keep = await manager.open("open-one")
+    await keep.write("stay")
+    clock.advance(2)
+    report = await manager.sweep()
+    assert report.deleted_streams == 3
+    assert report.deleted_events == 451 + 6 + 8
+    assert chunks(await manager.read("open-one")) == ["stay"]
+
+
+async def test_idle_sweep_ends_abandoned_stream_and_its_reader(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    manager = make_manager(idle_timeout_seconds=600)
+    await manager.start()
+    writer = await manager.open("s")
+    await writer.write("only")
+    reader = asyncio.create_task(collect(await manager.subscribe("s")))
+    clock.advance(599)
+    assert (await manager.sweep()).abandoned == 0
+    clock.advance(2)
+    report = await manager.sweep()
+    assert report.abandoned_ids == ["s"]
+    events = await reader
+    assert chunks(events) == ["only"]
+    assert events[-1].as_error().status is Status.ABORTED
+    assert events[-1].as_error().message == "producer went silent"
+    with pytest.raises(StreamError) as err:
+        await writer.write("too late")
+    assert err.value.status is Status.FAILED_PRECONDITION
+
+
+async def test_a_write_resets_the_idle_clock(manager: StreamManager, clock: FakeClock) -> None:
+    writer = await manager.open("s")
+    for _ in range(5):
+        clock.advance(500)
+        await writer.write("alive")
+    assert (await manager.sweep()).abandoned == 0
+    assert (await manager.info("s")).is_open
+
+
+async def test_stream_without_idle_timeout_is_never_abandoned(
+    manager: StreamManager, clock: FakeClock
+) -> None:
+    await manager.open("s", idle_timeout_seconds=None)
+    clock.advance(10**7)
+    assert (await manager.sweep()).abandoned == 0
+
+
+async def test_abandoned_stream_of_another_manager_ends_its_remote_reader(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    producer, reader_side = make_manager(), make_manager()
+    await producer.start()
+    await reader_side.start()
+    await producer.open("s")
+    reader = asyncio.create_task(collect(await reader_side.subscribe("s")))
+    await asyncio.sleep(0.05)
+    clock.advance(601)
+    await producer.sweep()
+    events = await reader
+    assert events[-1].as_error().status is Status.ABORTED
+
+
+async def test_deleted_stream_ends_its_readers_with_not_found(manager: StreamManager) -> None:
+    await manager.open("s")
+    reader = asyncio.create_task(collect(await manager.subscribe("s")))
+    await asyncio.sleep(0.02)
+    assert await manager.delete("s")
+    with pytest.raises(StreamError) as err:
+        await reader
+    assert err.value.status is Status.NOT_FOUND
