@@ -16,6 +16,7 @@ from app.config import Settings
 from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
 from app.migrate import check_at_head, upgrade
+from app.protocols import protocol_routers
 
 log = logging.getLogger("streamkeep")
 
@@ -82,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await manager.close()
 
     return Litestar(
-        route_handlers=[healthz],
+        route_handlers=[healthz, *protocol_routers()],
         lifespan=[lifespan],
         state=State({"settings": settings}),
     )

@@ -7,9 +7,11 @@ from typing import Any
 
 import pytest
 
+from app.config import Settings
 from app.log import MemoryStore, StreamManager, create_manager
 from app.log.memory import MemoryNotifier
 from app.migrate import upgrade
+from tests.live import LiveServer
 from tests.support import (
     TEMPLATE_DB,
     FakeClock,
@@ -99,6 +101,26 @@ async def make_manager(database_url: str, clock: FakeClock) -> AsyncIterator[Man
     yield factory
     for manager in made:
         await manager.close()
+
+
+ServerFactory = Callable[..., LiveServer]
+
+
+@pytest.fixture
+def live_server(database_url: str) -> Iterator[ServerFactory]:
+    """Starts real streamkeep servers on this test's database (settings as keywords)."""
+    started: list[LiveServer] = []
+
+    def factory(**overrides: Any) -> LiveServer:
+        overrides.setdefault("database_url", database_url)
+        overrides.setdefault("sqlite_poll_seconds", 0.02)
+        server = LiveServer(Settings(**overrides)).start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,20 @@
+"""Wire protocols: thin modules that parse a request, call the log, encode the answer.
+
+None of them writes SQL; each exposes a Litestar Router that app.server mounts.
+"""
+
+from __future__ import annotations
+
+from litestar import Request, Router
+
+from app.log import StreamManager
+
+
+def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]
+    """The process's StreamManager, set up by the app's lifespan."""
+    manager: StreamManager = request.app.state.manager
+    return manager
+
+
+def protocol_routers() -> list[Router]:
+    return []
