@@ -172,6 +172,9 @@ class _Tail:
         self.window: deque[Event] = deque(maxlen=manager.tail_window)
         self.readers = 0
         self.gone = False
+        # Set when the producer could not record how the stream ended (storage down):
+        # caught-up local readers end with it instead of waiting for the idle sweep.
+        self.failure: StreamError | None = None
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._refresh: asyncio.Task[None] | None = None
         # A hint that raced our own commit (NOTIFY can arrive before COMMIT returns).
@@ -310,6 +313,13 @@ class StreamWriter:
         return events[0]
 
 
+async def _flatten(batches: AsyncIterator[list[Event]]) -> AsyncIterator[Event]:
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            for event in batch:
+                yield event
+
+
 class StreamManager:
     """Durable streams with Genkit's StreamManager semantics, on any StreamStore."""
 
@@ -437,10 +447,22 @@ class StreamManager:
         still answer 404 or 204. Use it with `contextlib.aclosing` (or run it to
         the end) so the reader is unregistered at once.
         """
+        batches = await self.subscribe_batches(stream_id, after)
+        return _flatten(batches)
+
+    async def subscribe_batches(
+        self, stream_id: str, after: int | None = None
+    ) -> AsyncIterator[list[Event]]:
+        """Like `subscribe`, but yields whatever is available at once as one list.
+
+        Protocols use it to put many events into one network write.
+        """
         info = await self.info(stream_id)
         return self._follow(stream_id, after or 0, info.last_seq)
 
-    async def _follow(self, stream_id: str, cursor: int, known_last: int) -> AsyncIterator[Event]:
+    async def _follow(
+        self, stream_id: str, cursor: int, known_last: int
+    ) -> AsyncIterator[list[Event]]:
         tail = self._attach(stream_id, known_last)
         try:
             while True:
@@ -451,14 +473,17 @@ class StreamManager:
                         raise not_found(stream_id)  # rows vanished below us: deleted
                     tail.offer(events)
                 if events:
-                    for event in events:
-                        yield event
+                    for i, event in enumerate(events):
                         if event.is_terminal:
+                            yield events[: i + 1]
                             return
+                    yield events
                     cursor = events[-1].seq
                     continue
                 if tail.gone:
                     raise not_found(stream_id)
+                if tail.failure is not None:
+                    raise tail.failure
                 changed = tail.changed()
                 done, _ = await asyncio.wait({changed}, timeout=self.safety_poll_seconds)
                 if not done:
@@ -526,6 +551,17 @@ class StreamManager:
         """After a lost connection: every reader re-checks the rows."""
         for tail in self._tails.values():
             tail.request_refresh(check_gone=True)
+
+    def fail_readers(self, stream_id: str, error: StreamError) -> None:
+        """End this process's caught-up readers of a stream with `error`.
+
+        For a producer whose terminal event could not be committed: its live
+        readers learn of the failure now; the stream itself stays as stored.
+        """
+        tail = self._tails.get(stream_id)
+        if tail is not None:
+            tail.failure = error
+            tail._notify()
 
     # -- retention --------------------------------------------------------------
 

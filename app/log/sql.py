@@ -13,9 +13,9 @@ reader asking for seq > N can never see N+2 before N+1.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, exists, func, select, update
@@ -94,6 +94,7 @@ class SqlStore:
             )
         else:
             self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
+        self._sql = SQLITE_HOT_SQL if self.dialect == "sqlite" else POSTGRES_HOT_SQL
 
     # -- writes ---------------------------------------------------------------
 
@@ -144,17 +145,13 @@ class SqlStore:
             update(streams).where(streams.c.id == bindparam("_id")),
             [_update_params(plan.info) for plan in plans],
         )
-        await conn.execute(
-            events.insert(),
+        # The hottest statement: plain driver parameters, and one timestamp for the
+        # whole batch, instead of SQLAlchemy's per-row type processing.
+        created = self._sql.bind_time(plans[0].events[0].created_at)
+        await conn.exec_driver_sql(
+            self._sql.insert_events,
             [
-                {
-                    "stream_id": e.stream_id,
-                    "seq": e.seq,
-                    "kind": e.kind.value,
-                    "type": e.type,
-                    "payload": e.payload,
-                    "created_at": e.created_at,
-                }
+                (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created)
                 for plan in plans
                 for e in plan.events
             ],
@@ -174,25 +171,16 @@ class SqlStore:
     # -- reads ----------------------------------------------------------------
 
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
-        query = (
-            select(
-                events.c.seq, events.c.kind, events.c.type, events.c.payload, events.c.created_at
-            )
-            .join(streams, streams.c.id == events.c.stream_id)
-            .where(
-                events.c.stream_id == stream_id,
-                events.c.seq > after,
-                (streams.c.expires_at.is_(None)) | (streams.c.expires_at > now),
-            )
-            .order_by(events.c.seq)
-            .limit(limit)
-        )
+        sql = self._sql
         async with _translated(), self.reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        kinds = _KINDS
+            result = await conn.exec_driver_sql(
+                sql.read_events, (stream_id, after, sql.bind_time(now), limit)
+            )
+            rows: Sequence[Any] = result.all()
+        kinds, parse_time = _KINDS, sql.time_parser()
         return [
-            Event(stream_id, seq, kinds[kind], bytes(payload), created_at, type_)
-            for seq, kind, type_, payload, created_at in rows
+            Event(stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_)
+            for seq, kind, type_, payload, created in rows
         ]
 
     async def info(self, stream_id: str) -> StreamInfo | None:
@@ -321,6 +309,59 @@ class SqlStore:
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
+
+
+class HotSql:
+    """The two statements that run per event, written for the driver directly.
+
+    Everything else goes through SQLAlchemy Core; these two skip its per-row
+    type processing, which cost more than the database work itself. Times are
+    bound and parsed here the way UtcDateTime stores them.
+    """
+
+    def __init__(self, placeholders: list[str], text_times: bool) -> None:
+        p = placeholders
+        self.insert_events = (
+            "INSERT INTO events (stream_id, seq, kind, type, payload, created_at) "
+            f"VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}, {p[4]}, {p[5]})"
+        )
+        # The join makes an expired stream read as gone before the sweeper deletes it.
+        self.read_events = (
+            "SELECT e.seq, e.kind, e.type, e.payload, e.created_at FROM events e "
+            "JOIN streams s ON s.id = e.stream_id "
+            f"WHERE e.stream_id = {p[0]} AND e.seq > {p[1]} "
+            f"AND (s.expires_at IS NULL OR s.expires_at > {p[2]}) "
+            f"ORDER BY e.seq LIMIT {p[3]}"
+        )
+        self._text_times = text_times
+
+    def bind_time(self, value: datetime) -> Any:
+        if not self._text_times:
+            return value
+        # SQLAlchemy's SQLite DateTime format, naive UTC (see schema.UtcDateTime).
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    def time_parser(self) -> Callable[[Any], datetime]:
+        if not self._text_times:
+            return _aware
+        # Events committed together share their timestamp: parse each text once.
+        cache: dict[str, datetime] = {}
+
+        def parse(raw: str) -> datetime:
+            parsed = cache.get(raw)
+            if parsed is None:
+                parsed = cache[raw] = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+            return parsed
+
+        return parse
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+SQLITE_HOT_SQL = HotSql(["?"] * 6, text_times=True)
+POSTGRES_HOT_SQL = HotSql([f"${i}" for i in range(1, 7)], text_times=False)
 
 
 def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:

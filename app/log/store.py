@@ -89,38 +89,46 @@ def plan_appends(
 
     Returns no plan when nothing is appended.
     """
-    outcomes: list[AppendOutcome] = []
     if info is None or info.expired(now):
         return None, [not_found(stream_id) for _ in requests]
-    current = info
+    outcomes: list[AppendOutcome] = []
     new_events: list[Event] = []
+    # Only what the rule checks need is tracked per request; the row itself is
+    # computed once, from the last event (this runs for every event appended).
+    last_seq, status, abandon_at = info.last_seq, info.status, info.abandon_at
+    idle = info.idle_timeout_seconds
     for request in requests:
-        problem = _check_request(current, request)
+        problem = _check_request(info.id, status, abandon_at, request)
         if problem is not None:
             outcomes.append(problem)
             continue
         committed = [
-            Event(stream_id, current.last_seq + i + 1, e.kind, e.payload, now, e.type)
-            for i, e in enumerate(request.events)
+            Event(stream_id, last_seq + i, e.kind, e.payload, now, e.type)
+            for i, e in enumerate(request.events, start=1)
         ]
         new_events.extend(committed)
-        current = _advance(current, committed, now)
         outcomes.append(committed)
+        last_seq = committed[-1].seq
+        if committed[-1].kind.is_terminal:
+            status = STATUS_AFTER[committed[-1].kind]
+        abandon_at = now + timedelta(seconds=idle) if idle is not None else None
     if not new_events:
         return None, outcomes
-    return StreamPlan(current, new_events), outcomes
+    return StreamPlan(_advance(info, new_events, now), new_events), outcomes
 
 
-def _check_request(info: StreamInfo, request: AppendRequest) -> StreamError | None:
-    if not info.is_open:
+def _check_request(
+    stream_id: str, status: StreamStatus, abandon_at: datetime | None, request: AppendRequest
+) -> StreamError | None:
+    if status is not StreamStatus.OPEN:
         return StreamError(
             Status.FAILED_PRECONDITION,
-            f"stream {info.id!r} is already {info.status}; nothing can be appended",
+            f"stream {stream_id!r} is already {status}; nothing can be appended",
         )
     if request.abandoned_by is not None and (
-        info.abandon_at is None or info.abandon_at > request.abandoned_by
+        abandon_at is None or abandon_at > request.abandoned_by
     ):
-        return StreamError(Status.FAILED_PRECONDITION, f"stream {info.id!r} is not abandoned")
+        return StreamError(Status.FAILED_PRECONDITION, f"stream {stream_id!r} is not abandoned")
     return None
 
 
