@@ -34,6 +34,11 @@ class Settings:
     # Migrate at start-up; None means: yes on SQLite, no on Postgres.
     auto_migrate: bool | None = None
     log_level: str = "INFO"
+    # Comma-separated modules whose @flow functions are served at /flows/{name}
+    # (the demo flows countdown and fail_midway are always there).
+    flows: str = ""
+    # How long shutdown waits for running flows to record their end.
+    shutdown_timeout_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -48,6 +53,10 @@ class Settings:
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def flow_modules(self) -> list[str]:
+        return [m.strip() for m in self.flows.split(",") if m.strip()]
 
     @property
     def idle_timeout(self) -> int | None:

@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from litestar import Litestar, get
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
 from app import __version__
 from app.config import Settings
+from app.flows import load_flow_modules
+from app.flows.runner import FlowRunner
 from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
 from app.migrate import check_at_head, upgrade
-from app.protocols import protocol_routers
+from app.protocols import EXPOSED_HEADERS, protocol_routers
 
 log = logging.getLogger("streamkeep")
 
@@ -70,9 +73,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         await prepare_schema(settings)
+        load_flow_modules(["app.flows.demo", *settings.flow_modules])
         manager = build_manager(settings)
         await manager.start()
-        app.state.manager = manager
+        runner = FlowRunner(manager)
+        app.state.manager, app.state.runner = manager, runner
         sweeper = asyncio.create_task(sweep_forever(manager, settings.sweep_interval_seconds))
         try:
             yield
@@ -80,10 +85,20 @@ def create_app(settings: Settings | None = None) -> Litestar:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            # Runs end with an error before the log closes: none stays open.
+            await runner.shutdown(settings.shutdown_timeout_seconds)
             await manager.close()
 
     return Litestar(
         route_handlers=[healthz, *protocol_routers()],
+        # Browsers on other origins may read streams: any origin, any header.
+        cors_config=CORSConfig(
+            allow_origins=["*"],
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        ),
         lifespan=[lifespan],
         state=State({"settings": settings}),
     )

@@ -9,6 +9,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 
+# The real JS clients the tests drive (versions pinned by the lock files).
+if [ ! -d tests/node/genkit/node_modules/genkit ]; then
+  (cd tests/node/genkit && npm ci --omit=optional --no-audit --no-fund --loglevel=error)
+fi
+
 .venv/bin/ruff check app tests migrations bench
 .venv/bin/ruff format --check app tests migrations bench
 .venv/bin/mypy

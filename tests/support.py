@@ -143,3 +143,52 @@ def drop_database(server: PostgresServer, name: str) -> None:
 def copy_sqlite(template: Path, target: Path) -> str:
     shutil.copyfile(template, target)
     return f"sqlite:///{target}"
+
+
+class CuttingProxy:
+    """A TCP proxy on loopback that cuts its first connection after `cut_after` response bytes.
+
+    Stands for a dropped network: the client sees a body that ends mid-stream.
+    """
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut_after = cut_after
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CuttingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        limit = self.cut_after if self.connections == 1 else None
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, cap: int | None
+        ) -> None:
+            sent = 0
+            try:
+                while data := await src.read(256 if cap is not None else 65536):
+                    if cap is not None and sent + len(data) > cap:
+                        dst.write(data[: cap - sent])
+                        await dst.drain()
+                        raise ConnectionResetError("cut")
+                    dst.write(data)
+                    await dst.drain()
+                    sent += len(data)
+            finally:
+                dst.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, None), pipe(up_reader, writer, limit), return_exceptions=True
+        )
+        for w in (writer, up_writer):
+            w.close()

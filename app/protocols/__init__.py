@@ -9,6 +9,9 @@ from litestar import Request, Router
 
 from app.log import StreamManager
 
+# Response headers that browsers' scripts may read, whatever the protocol (CORS).
+EXPOSED_HEADERS = ["X-Genkit-Stream-Id"]
+
 
 def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]
     """The process's StreamManager, set up by the app's lifespan."""
@@ -17,4 +20,7 @@ def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]
 
 
 def protocol_routers() -> list[Router]:
-    return []
+    from app.flows import registry
+    from app.protocols.genkit import flow_router
+
+    return [flow_router(registry, lambda request: request.app.state.runner)]

@@ -9,7 +9,7 @@
 //
 // Scenarios and args (all args optional unless noted):
 //   run                   {input, headers, init}               streamFlow, read all chunks + output
-//   disconnect-reconnect  {input, k=1, reconnect_delay_ms=0}   read k chunks, abort, reconnect by id, read all
+//   disconnect-reconnect  {input, k=1, reconnect_delay_ms=0, reconnect_url}  read k chunks, abort, reconnect by id (at reconnect_url if given), read all
 //   reconnect             {stream_id (required)}               streamFlow({url, streamId}) only
 //   slow                  {input, delay_ms=100}                sleep delay_ms after each chunk read
 //   runflow               {input, headers, init}               runFlow (non-streaming)
@@ -162,7 +162,7 @@ async function workerThread() {
     const t0 = performance.now();
     const ac = opts.abortController;
     const r = streamFlow({
-      url,
+      url: opts.url ?? url,
       input: opts.input,
       init: opts.init,
       streamId: opts.streamId,
@@ -251,7 +251,8 @@ async function workerThread() {
         break;
       }
       if (args.reconnect_delay_ms) await sleep(args.reconnect_delay_ms);
-      const rc = await streamCall('reconnect', { streamId: live.streamId }, { times });
+      // reconnect_url: reconnect through another server (another replica of the same log).
+      const rc = await streamCall('reconnect', { streamId: live.streamId, url: args.reconnect_url }, { times });
       result = {
         ok: rc.ok,
         streamId: live.streamId,

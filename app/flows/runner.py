@@ -1,0 +1,139 @@
+"""Running flows durably: every run is a stream of the log, detached from any request.
+
+The run goes on when its client disconnects. Chunks are pipelined into group
+commits (a flow never waits a commit per chunk), and the run ends with exactly
+one terminal event: done, or error when the flow raises, a chunk could not be
+stored, or the service shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from app.errors import Status, StreamError
+from app.flows import Flow
+from app.log import Event, StreamManager, StreamWriter
+
+log = logging.getLogger("streamkeep.flows")
+
+SHUTDOWN_ERROR = StreamError(
+    Status.UNAVAILABLE, "the service stopped during this run; start the flow again"
+)
+
+
+class _RunState:
+    """What a run learned from its pipelined chunk commits."""
+
+    def __init__(self) -> None:
+        self.failure: StreamError | None = None
+        self.last_commit: asyncio.Future[list[Event]] | None = None
+
+    def note(self, future: asyncio.Future[list[Event]]) -> None:
+        if not future.cancelled() and future.exception() is not None and self.failure is None:
+            error = future.exception()
+            self.failure = (
+                error
+                if isinstance(error, StreamError)
+                else StreamError(Status.INTERNAL, "a chunk could not be stored")
+            )
+
+
+class FlowRunner:
+    def __init__(self, manager: StreamManager, *, terminal_retry_seconds: float = 60.0) -> None:
+        self.manager = manager
+        self.terminal_retry_seconds = terminal_retry_seconds
+        self._runs: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self._runs)
+
+    async def start(self, flow: Flow, data: Any) -> str:
+        """Open the run's stream (raising if it cannot be stored), then run the flow."""
+        stream_id = str(uuid.uuid4())
+        writer = await self.manager.open(stream_id)
+        task = asyncio.create_task(self._run(flow, data, writer), name=f"flow-{flow.name}")
+        self._runs[stream_id] = task
+        task.add_done_callback(lambda _t: self._runs.pop(stream_id, None))
+        return stream_id
+
+    async def _run(self, flow: Flow, data: Any, writer: StreamWriter) -> None:
+        state = _RunState()
+
+        def send_chunk(chunk: Any) -> None:
+            if state.failure is not None:
+                raise state.failure  # stop the flow at its next chunk: storage is failing
+            try:
+                future = writer.send(chunk)
+            except TypeError as exc:
+                raise StreamError(
+                    Status.INVALID_ARGUMENT, f"chunk is not JSON-serialisable: {exc}"
+                ) from exc
+            future.add_done_callback(state.note)
+            state.last_commit = future
+
+        try:
+            output = await flow.function(data, send_chunk)
+            error = None
+        except asyncio.CancelledError:
+            await self._record(writer, None, SHUTDOWN_ERROR, state)
+            raise
+        except StreamError as exc:
+            output, error = None, exc
+        except Exception:
+            log.exception("flow %s failed", flow.name)
+            output, error = None, StreamError(Status.INTERNAL, "internal error")
+        await self._record(writer, output, error, state)
+
+    async def _record(
+        self, writer: StreamWriter, output: Any, error: StreamError | None, state: _RunState
+    ) -> None:
+        # Commits are in order, so once the last chunk has settled, all have.
+        if state.last_commit is not None:
+            await asyncio.wait({state.last_commit})
+        if state.failure is not None:
+            error = state.failure
+        try:
+            if error is None:
+                try:
+                    await writer.done(output)
+                except TypeError:
+                    error = StreamError(Status.INTERNAL, "the flow's output is not JSON")
+            if error is not None:
+                await writer.error(error)
+        except StreamError as exc:
+            if exc.status is Status.FAILED_PRECONDITION:
+                return  # already ended (the idle sweep got there first)
+            await self._record_later(writer.stream_id, error or exc)
+
+    async def _record_later(self, stream_id: str, error: StreamError) -> None:
+        """Storage refused the terminal event: tell live readers now, store it when we can."""
+        self.manager.fail_readers(stream_id, error)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.terminal_retry_seconds
+        delay = 0.1
+        while loop.time() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await self.manager.writer(stream_id).error(error)
+                return
+            except StreamError as exc:
+                if exc.status in (Status.FAILED_PRECONDITION, Status.NOT_FOUND):
+                    return
+        log.error("could not record the end of run %s; the idle sweep will end it", stream_id)
+
+    async def shutdown(self, grace_seconds: float = 10.0) -> None:
+        """End every running flow with an error, so no run stays open after we stop."""
+        tasks = list(self._runs.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*tasks, return_exceptions=True), timeout=grace_seconds
+                )
