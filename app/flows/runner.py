@@ -16,30 +16,13 @@ from typing import Any
 
 from app.errors import Status, StreamError
 from app.flows import Flow
-from app.log import Event, StreamManager, StreamWriter
+from app.log import StreamManager, StreamWriter
 
 log = logging.getLogger("streamkeep.flows")
 
 SHUTDOWN_ERROR = StreamError(
     Status.UNAVAILABLE, "the service stopped during this run; start the flow again"
 )
-
-
-class _RunState:
-    """What a run learned from its pipelined chunk commits."""
-
-    def __init__(self) -> None:
-        self.failure: StreamError | None = None
-        self.last_commit: asyncio.Future[list[Event]] | None = None
-
-    def note(self, future: asyncio.Future[list[Event]]) -> None:
-        if not future.cancelled() and future.exception() is not None and self.failure is None:
-            error = future.exception()
-            self.failure = (
-                error
-                if isinstance(error, StreamError)
-                else StreamError(Status.INTERNAL, "a chunk could not be stored")
-            )
 
 
 class FlowRunner:
@@ -62,41 +45,35 @@ class FlowRunner:
         return stream_id
 
     async def _run(self, flow: Flow, data: Any, writer: StreamWriter) -> None:
-        state = _RunState()
-
         def send_chunk(chunk: Any) -> None:
-            if state.failure is not None:
-                raise state.failure  # stop the flow at its next chunk: storage is failing
+            # Raises a storage failure of an earlier chunk: the flow stops there.
             try:
-                future = writer.send(chunk)
+                writer.push(chunk)
             except TypeError as exc:
                 raise StreamError(
                     Status.INVALID_ARGUMENT, f"chunk is not JSON-serialisable: {exc}"
                 ) from exc
-            future.add_done_callback(state.note)
-            state.last_commit = future
 
         try:
             output = await flow.function(data, send_chunk)
             error = None
         except asyncio.CancelledError:
-            await self._record(writer, None, SHUTDOWN_ERROR, state)
+            await self._record(writer, None, SHUTDOWN_ERROR)
             raise
         except StreamError as exc:
             output, error = None, exc
         except Exception:
             log.exception("flow %s failed", flow.name)
             output, error = None, StreamError(Status.INTERNAL, "internal error")
-        await self._record(writer, output, error, state)
+        await self._record(writer, output, error)
 
-    async def _record(
-        self, writer: StreamWriter, output: Any, error: StreamError | None, state: _RunState
-    ) -> None:
-        # Commits are in order, so once the last chunk has settled, all have.
-        if state.last_commit is not None:
-            await asyncio.wait({state.last_commit})
-        if state.failure is not None:
-            error = state.failure
+    async def _record(self, writer: StreamWriter, output: Any, error: StreamError | None) -> None:
+        try:
+            # A chunk that could not be stored fails the run: never `done` with a hole.
+            await writer.flush()
+        except StreamError as failure:
+            error = failure
+            writer = self.manager.writer(writer.stream_id)
         try:
             if error is None:
                 try:

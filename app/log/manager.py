@@ -76,12 +76,34 @@ class Notifier(Protocol):
     async def stop(self) -> None: ...
 
 
-class _Pending:
-    __slots__ = ("future", "request")
+FailureSink = Callable[[StreamError], None]
 
-    def __init__(self, request: AppendRequest, future: asyncio.Future[list[Event]]) -> None:
+
+class _Pending:
+    """A queued append; it reports to a future, or (pushed appends) only its failure."""
+
+    __slots__ = ("future", "on_failure", "request")
+
+    def __init__(
+        self,
+        request: AppendRequest,
+        future: asyncio.Future[list[Event]] | None,
+        on_failure: FailureSink | None = None,
+    ) -> None:
         self.request = request
         self.future = future
+        self.on_failure = on_failure
+
+    def fail(self, error: StreamError) -> None:
+        if self.future is not None:
+            if not self.future.done():
+                self.future.set_exception(error)
+        elif self.on_failure is not None:
+            self.on_failure(error)
+
+    def succeed(self, events: list[Event]) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(events)
 
 
 class _Committer:
@@ -95,15 +117,30 @@ class _Committer:
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        # Appends are settled in the order they were queued, so "everything
+        # queued before now is settled" is a count: (target, future) waiters.
+        self._enqueued = 0
+        self._settled = 0
+        self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
         future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request, future))
-        self._idle.clear()
-        self._wake.set()
+        self._enqueue(_Pending(request, future))
+        return future
+
+    def push(self, request: AppendRequest, on_failure: FailureSink) -> None:
+        """Queue without a future: the cheapest way to stream many small events."""
+        self._enqueue(_Pending(request, None, on_failure))
+
+    def _enqueue(self, pending: _Pending) -> None:
+        self._enqueued += 1
+        self._pending.append(pending)
+        if self._idle.is_set():
+            self._idle.clear()
+        if not self._wake.is_set():
+            self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="streamkeep-committer")
-        return future
 
     async def _run(self) -> None:
         while True:
@@ -126,25 +163,45 @@ class _Committer:
             manager._commit_finished()
             error = exc if isinstance(exc, StreamError) else _unexpected(exc)
             for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(error)
+                p.fail(error)
+            self._settle(len(batch))
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
         committed: list[Event] = []
         for p, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StreamError):
-                if not p.future.done():
-                    p.future.set_exception(outcome)
+                p.fail(outcome)
             else:
                 committed.extend(outcome)
-                if not p.future.done():
-                    p.future.set_result(outcome)
+                p.succeed(outcome)
         manager._publish(committed)
         manager._commit_finished()
+        self._settle(len(batch))
 
     async def drain(self) -> None:
         await self._idle.wait()
+
+    async def settle_queued(self) -> None:
+        """Wait until everything queued so far is settled (later appends do not delay it)."""
+        target = self._enqueued
+        if self._settled >= target:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settle_waiters.append((target, future))
+        await future
+
+    def _settle(self, count: int) -> None:
+        self._settled += count
+        if self._settle_waiters:
+            waiting = []
+            for target, future in self._settle_waiters:
+                if target <= self._settled:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    waiting.append((target, future))
+            self._settle_waiters = waiting
 
     async def stop(self) -> None:
         await self.drain()
@@ -262,12 +319,14 @@ class StreamWriter:
         self._manager = manager
         self.stream_id = stream_id
         self._ended: str | None = None
+        self._failure: StreamError | None = None
 
     @property
     def ended(self) -> bool:
         return self._ended is not None
 
     def _check_open(self) -> None:
+        self._raise_failure()
         if self._ended is not None:
             raise StreamError(
                 Status.FAILED_PRECONDITION,
@@ -277,6 +336,31 @@ class StreamWriter:
     def send(self, chunk: Any, *, type: str | None = None) -> asyncio.Future[list[Event]]:
         self._check_open()
         return self._manager.submit(AppendRequest(self.stream_id, [NewEvent.chunk(chunk, type)]))
+
+    def push(self, chunk: Any, *, type: str | None = None) -> None:
+        """Queue a chunk without waiting and without a future (the fastest way to stream).
+
+        A failure is remembered: the next push, `flush`, `done` or `error`
+        raises it. Chunks are committed in the order they were pushed.
+        """
+        self._check_open()
+        self._manager._push(
+            AppendRequest(self.stream_id, [NewEvent.chunk(chunk, type)]), self._remember
+        )
+
+    def _remember(self, failure: StreamError) -> None:
+        if self._failure is None:
+            self._failure = failure
+
+    async def flush(self) -> None:
+        """Wait until everything pushed so far is committed; raise the first failure."""
+        self._raise_failure()
+        await self._manager.settle_queued()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def send_event(self, event: NewEvent) -> asyncio.Future[list[Event]]:
         self._check_open()
@@ -419,6 +503,16 @@ class StreamManager:
         if self._committer is None:
             self._committer = _Committer(self, self._max_batch)
         return self._committer.submit(request)
+
+    def _push(self, request: AppendRequest, on_failure: FailureSink) -> None:
+        if self._committer is None:
+            self._committer = _Committer(self, self._max_batch)
+        self._committer.push(request, on_failure)
+
+    async def settle_queued(self) -> None:
+        """Wait until every append queued so far in this process is settled."""
+        if self._committer is not None:
+            await self._committer.settle_queued()
 
     async def append(self, stream_id: str, events: list[NewEvent]) -> list[Event]:
         """Append events to a stream atomically; returns them numbered."""

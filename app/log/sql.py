@@ -13,11 +13,13 @@ reader asking for seq > N can never see N+2 before N+1.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Row, bindparam, delete, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -59,13 +61,25 @@ def storage_error(exc: BaseException) -> StreamError:
     return StreamError(Status.INTERNAL, f"storage failure ({name})")
 
 
+# Failures of the database, whether they come through SQLAlchemy or straight
+# from a driver (the hot insert talks to the driver itself).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
 @asynccontextmanager
 async def _translated() -> AsyncIterator[None]:
     try:
         yield
     except StreamError:
         raise
-    except (SQLAlchemyError, OSError, TimeoutError) as exc:
+    except (*DATABASE_ERRORS,) as exc:
         raise storage_error(exc) from exc
 
 
@@ -145,10 +159,12 @@ class SqlStore:
             update(streams).where(streams.c.id == bindparam("_id")),
             [_update_params(plan.info) for plan in plans],
         )
-        # The hottest statement: plain driver parameters, and one timestamp for the
-        # whole batch, instead of SQLAlchemy's per-row type processing.
+        # The hottest statement goes to the driver itself (aiosqlite or asyncpg), in
+        # this same transaction, with one timestamp for the whole batch: SQLAlchemy's
+        # per-row parameter handling cost more than SQLite's own work.
         created = self._sql.bind_time(plans[0].events[0].created_at)
-        await conn.exec_driver_sql(
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.executemany(  # type: ignore[union-attr]
             self._sql.insert_events,
             [
                 (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created)
@@ -173,10 +189,12 @@ class SqlStore:
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
         sql = self._sql
         async with _translated(), self.reader.connect() as conn:
-            result = await conn.exec_driver_sql(
-                sql.read_events, (stream_id, after, sql.bind_time(now), limit)
+            raw = await conn.get_raw_connection()
+            rows = await sql.fetch(
+                raw.driver_connection,
+                sql.read_events,
+                (stream_id, after, sql.bind_time(now), limit),
             )
-            rows: Sequence[Any] = result.all()
         kinds, parse_time = _KINDS, sql.time_parser()
         return [
             Event(stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_)
@@ -312,11 +330,12 @@ class SqlStore:
 
 
 class HotSql:
-    """The two statements that run per event, written for the driver directly.
+    """The two statements that run per event, sent to the driver directly.
 
     Everything else goes through SQLAlchemy Core; these two skip its per-row
-    type processing, which cost more than the database work itself. Times are
-    bound and parsed here the way UtcDateTime stores them.
+    processing, which cost more than the database work itself. They run on the
+    connection (and so in the transaction) SQLAlchemy holds. Times are bound
+    and parsed here the way UtcDateTime stores them.
     """
 
     def __init__(self, placeholders: list[str], text_times: bool) -> None:
@@ -334,6 +353,16 @@ class HotSql:
             f"ORDER BY e.seq LIMIT {p[3]}"
         )
         self._text_times = text_times
+
+    async def fetch(self, driver: Any, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
+        """Rows as plain tuples from the driver: aiosqlite and asyncpg differ here only."""
+        if self._text_times:
+            cursor = await driver.execute(statement, params)
+            try:
+                return list(await cursor.fetchall())
+            finally:
+                await cursor.close()
+        return list(await driver.fetch(statement, *params))
 
     def bind_time(self, value: datetime) -> Any:
         if not self._text_times:

@@ -517,3 +517,13 @@ async def test_deleted_stream_ends_its_readers_with_not_found(manager: StreamMan
     with pytest.raises(StreamError) as err:
         await reader
     assert err.value.status is Status.NOT_FOUND
+
+
+async def test_pushed_chunks_are_committed_in_order_by_flush(manager: StreamManager) -> None:
+    writer = await manager.open("s")
+    for i in range(2500):
+        writer.push(i)
+    await writer.flush()
+    assert (await manager.info("s")).last_seq == 2500
+    await writer.done("end")
+    assert chunks(await collect(await manager.subscribe("s"))) == list(range(2500))

@@ -70,3 +70,17 @@ async def test_storage_failure_fails_every_append_of_the_batch(
     if database_url != "memory":
         await break_storage(False)
     assert (await manager.info("s")).last_seq == 0
+
+
+async def test_a_failed_push_is_raised_by_flush_and_the_next_push(
+    manager: StreamManager, break_storage: Breaker, database_url: str
+) -> None:
+    writer = await manager.open("s")
+    await break_storage(True)
+    writer.push("lost")
+    with pytest.raises(StreamError):
+        await writer.flush()
+    with pytest.raises(StreamError):
+        writer.push("after the failure")
+    if database_url != "memory":
+        await break_storage(False)
