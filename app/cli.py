@@ -1,4 +1,4 @@
-"""The `streamkeep` command: serve, migrate, gc."""
+"""The `streamkeep` command: serve, migrate, gc, and ls / show / tail / rm to inspect streams."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict
+from datetime import datetime
+from typing import Any
 
 from app import __version__
 from app.config import Settings
+from app.errors import StreamError, not_found
+from app.log import Event, StreamInfo, StreamManager, StreamStatus
 from app.migrate import SchemaNotAtHead, downgrade, upgrade
+from app.observability import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (base: all)")
 
     commands.add_parser("gc", help="end abandoned streams and delete expired ones, once")
+
+    ls = commands.add_parser("ls", help="list the newest streams")
+    ls.add_argument("--status", choices=[s.value for s in StreamStatus])
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    show = commands.add_parser("show", help="a stream's metadata and its last events")
+    show.add_argument("stream_id")
+    show.add_argument("--events", type=int, default=10, help="how many of the last events")
+
+    tail = commands.add_parser("tail", help="print a stream's events, following it to its end")
+    tail.add_argument("stream_id")
+    tail.add_argument("--after", type=int, default=0, help="start after this sequence number")
+
+    rm = commands.add_parser("rm", help="delete a stream and its events")
+    rm.add_argument("stream_id")
     return parser
 
 
@@ -52,9 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     settings = Settings.from_env(database_url=args.database_url)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    setup_logging(settings.log_level, settings.log_format)
+    if args.command != "migrate":
+        # Alembic reports each schema check at INFO; only `migrate` should talk about it.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.command == "serve":
         return _serve(
             settings.with_overrides(host=args.host, port=args.port, auto_migrate=args.auto_migrate)
@@ -67,39 +90,120 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "gc":
         return asyncio.run(_gc(settings))
-    raise AssertionError(args.command)
+    return asyncio.run(_inspect(settings, args))
 
 
 def _serve(settings: Settings) -> int:
     import uvicorn
 
-    from app.server import create_app, prepare_schema
+    from app.server import begin_shutdown, create_app, prepare_schema
 
     # Check before uvicorn starts, so that a bad schema is one clear line, not a traceback.
     asyncio.run(prepare_schema(settings))
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    trusted = settings.trusted_proxies.strip()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn waits for open connections before the app's shutdown hooks
+            # run, and live streams never close by themselves: end them first.
+            if not self.should_exit:
+                begin_shutdown(app)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         lifespan="on",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_seconds)),
+        log_config=None,
+        access_log=False,
+        # X-Forwarded-For/-Proto are believed only from these addresses.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
     )
+    Server(config).run()
     return 0
 
 
 async def _gc(settings: Settings) -> int:
+    async with _manager(settings) as manager:
+        report = await manager.sweep()
+    print(json.dumps(asdict(report)))
+    return 0
+
+
+@asynccontextmanager
+async def _manager(settings: Settings) -> AsyncIterator[StreamManager]:
     from app.migrate import check_at_head
     from app.server import build_manager
 
     await check_at_head(settings.database_url)
-    manager = build_manager(settings)
-    try:
-        report = await manager.sweep()
-    finally:
-        await manager.close()
-    print(json.dumps(asdict(report)))
+    async with build_manager(settings) as manager:
+        yield manager
+
+
+async def _inspect(settings: Settings, args: argparse.Namespace) -> int:
+    async with _manager(settings) as manager:
+        try:
+            if args.command == "ls":
+                status = StreamStatus(args.status) if args.status else None
+                for info in await manager.list_streams(status, args.limit):
+                    print(_json_line(_info_dict(info)) if args.json else _info_line(info))
+            elif args.command == "show":
+                await _show(manager, args.stream_id, args.events)
+            elif args.command == "tail":
+                events = await manager.subscribe(args.stream_id, after=args.after)
+                async with aclosing(events):  # type: ignore[type-var]
+                    async for event in events:
+                        print(_event_line(event), flush=True)
+            elif args.command == "rm":
+                if not await manager.delete(args.stream_id):
+                    raise not_found(args.stream_id)
+                print(f"deleted {args.stream_id}")
+        except StreamError as exc:
+            print(f"streamkeep: {exc}", file=sys.stderr)
+            return 1
     return 0
+
+
+async def _show(manager: StreamManager, stream_id: str, last: int) -> None:
+    info = await manager.info(stream_id)
+    print(json.dumps(_info_dict(info), indent=2))
+    first = max(info.last_seq - last, 0)
+    for event in await manager.read(stream_id, after=first, limit=last) if last else []:
+        print(_event_line(event))
+
+
+def _info_dict(info: StreamInfo) -> dict[str, Any]:
+    fields = asdict(info)
+    output = fields.pop("output")
+    fields["output"] = _text(output) if output is not None else None
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in fields.items()}
+
+
+def _info_line(info: StreamInfo) -> str:
+    finished = info.finished_at.isoformat(timespec="seconds") if info.finished_at else "-"
+    created = info.created_at.isoformat(timespec="seconds")
+    return (
+        f"{info.id}\t{info.status}\t{info.last_seq} events\tcreated {created}\tfinished {finished}"
+    )
+
+
+def _event_line(event: Event) -> str:
+    kind = f"{event.kind}:{event.type}" if event.type else str(event.kind)
+    return f"{event.seq}\t{kind}\t{_text(event.payload)}"
+
+
+def _text(payload: bytes, limit: int = 2000) -> str:
+    text = payload.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(payload)} bytes)"
+
+
+def _json_line(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 if __name__ == "__main__":

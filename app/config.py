@@ -34,11 +34,17 @@ class Settings:
     # Migrate at start-up; None means: yes on SQLite, no on Postgres.
     auto_migrate: bool | None = None
     log_level: str = "INFO"
+    # "text" or "json" (one JSON object per line).
+    log_format: str = "text"
     # Comma-separated modules whose @flow functions are served at /flows/{name}
     # (the demo flows countdown and fail_midway are always there).
     flows: str = ""
-    # How long shutdown waits for running flows to record their end.
+    # How long a SIGTERM'd process may take to end its streams and flows and exit.
     shutdown_timeout_seconds: float = 10.0
+    # Addresses (comma-separated, or *) whose X-Forwarded-For/-Proto are believed.
+    trusted_proxies: str = ""
+    # Serve everything under this path, e.g. /streamkeep (for a shared reverse proxy).
+    path_prefix: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

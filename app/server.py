@@ -8,18 +8,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar, get
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from app import __version__
 from app.config import Settings
 from app.flows import load_flow_modules
 from app.flows.runner import FlowRunner
 from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
 from app.migrate import check_at_head, upgrade
+from app.observability import Metrics, request_log_middleware
 from app.protocols import EXPOSED_HEADERS, protocol_routers
+from app.protocols.ops import ops_router
 
 log = logging.getLogger("streamkeep")
 
@@ -67,8 +68,30 @@ async def sweep_forever(manager: StreamManager, interval: float) -> None:
             )
 
 
+def begin_shutdown(app: Litestar) -> None:
+    """On SIGTERM, before the server waits for connections: end flows and live readers.
+
+    Flows record an UNAVAILABLE error; SSE and long-poll readers end cleanly so
+    that their clients reconnect to another replica. Appends already queued
+    still commit (the manager drains them when it closes).
+    """
+    manager: StreamManager | None = getattr(app.state, "manager", None)
+    runner: FlowRunner | None = getattr(app.state, "runner", None)
+    settings: Settings = app.state.settings
+    if manager is None or runner is None:
+        return
+
+    async def shut() -> None:
+        await runner.shutdown(settings.shutdown_timeout_seconds / 2)
+        manager.stop_readers()
+
+    loop = asyncio.get_event_loop()
+    app.state.shutdown_task = loop.create_task(shut())
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -78,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await manager.start()
         runner = FlowRunner(manager)
         app.state.manager, app.state.runner = manager, runner
+        metrics.manager = manager
         sweeper = asyncio.create_task(sweep_forever(manager, settings.sweep_interval_seconds))
         try:
             yield
@@ -89,8 +113,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await runner.shutdown(settings.shutdown_timeout_seconds)
             await manager.close()
 
+    prefix = "/" + settings.path_prefix.strip("/")
     return Litestar(
-        route_handlers=[healthz, *protocol_routers()],
+        # Everything under the configured prefix, so a proxy can pass paths unchanged.
+        route_handlers=[Router(path=prefix, route_handlers=[ops_router(), *protocol_routers()])],
+        middleware=[request_log_middleware(metrics)],
         # Browsers on other origins may read streams: any origin, any header.
         cors_config=CORSConfig(
             allow_origins=["*"],
@@ -100,11 +127,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             max_age=600,
         ),
         lifespan=[lifespan],
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "metrics": metrics}),
+        # Logging is set up once by the command (app.observability), not by Litestar.
+        logging_config=None,
     )
-
-
-@get("/healthz", sync_to_thread=False)
-def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok", "version": __version__}

@@ -38,7 +38,7 @@ class FlowRunner:
     async def start(self, flow: Flow, data: Any) -> str:
         """Open the run's stream (raising if it cannot be stored), then run the flow."""
         stream_id = str(uuid.uuid4())
-        writer = await self.manager.open(stream_id)
+        writer = await self.manager.open(stream_id, origin="flows")
         task = asyncio.create_task(self._run(flow, data, writer), name=f"flow-{flow.name}")
         self._runs[stream_id] = task
         task.add_done_callback(lambda _t: self._runs.pop(stream_id, None))

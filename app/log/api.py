@@ -152,6 +152,28 @@ class AppendRequest:
     stream_id: str
     events: list[NewEvent]
     abandoned_by: datetime | None = None
+    # Who appends (a protocol's name), for the metrics.
+    origin: str = "api"
+
+
+@dataclass(slots=True)
+class LogStats:
+    """Counters of one manager, read by the metrics endpoint when it is scraped."""
+
+    appends: dict[str, int] = field(default_factory=dict)
+    appended_bytes: dict[str, int] = field(default_factory=dict)
+    commits: int = 0
+    rejected_appends: int = 0
+    storage_errors: int = 0
+    wakeups: int = 0
+    tail_reads: int = 0
+    abandoned_streams: int = 0
+    swept_streams: int = 0
+    swept_events: int = 0
+
+    def count_append(self, origin: str, payload_bytes: int) -> None:
+        self.appends[origin] = self.appends.get(origin, 0) + 1
+        self.appended_bytes[origin] = self.appended_bytes.get(origin, 0) + payload_bytes
 
 
 @dataclass(slots=True)

@@ -29,9 +29,11 @@ from app.log.api import (
     JSON_CONTENT_TYPE,
     AppendRequest,
     Event,
+    LogStats,
     NewEvent,
     NewStream,
     StreamInfo,
+    StreamStatus,
     SweepReport,
 )
 from app.log.store import StreamStore
@@ -161,6 +163,7 @@ class _Committer:
             outcomes = await manager.store.commit([p.request for p in batch], manager.clock())
         except BaseException as exc:
             manager._commit_finished()
+            manager.stats.storage_errors += 1
             error = exc if isinstance(exc, StreamError) else _unexpected(exc)
             for p in batch:
                 p.fail(error)
@@ -169,11 +172,15 @@ class _Committer:
                 raise
             return
         committed: list[Event] = []
+        stats = manager.stats
+        stats.commits += 1
         for p, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StreamError):
+                stats.rejected_appends += 1
                 p.fail(outcome)
             else:
                 committed.extend(outcome)
+                stats.count_append(p.request.origin, sum(len(e.payload) for e in outcome))
                 p.succeed(outcome)
         manager._publish(committed)
         manager._commit_finished()
@@ -292,7 +299,9 @@ class _Tail:
 
     async def _read_new_rows(self, check_gone: bool) -> None:
         manager = self._manager
+        manager.stats.wakeups += 1
         while True:
+            manager.stats.tail_reads += 1
             page = await manager.store.read(
                 self.stream_id, self.last_seq, manager.page_size, manager.clock()
             )
@@ -315,9 +324,10 @@ class StreamWriter:
     many chunks in one group commit while still learning of every failure.
     """
 
-    def __init__(self, manager: StreamManager, stream_id: str) -> None:
+    def __init__(self, manager: StreamManager, stream_id: str, origin: str = "api") -> None:
         self._manager = manager
         self.stream_id = stream_id
+        self.origin = origin
         self._ended: str | None = None
         self._failure: StreamError | None = None
 
@@ -335,7 +345,7 @@ class StreamWriter:
 
     def send(self, chunk: Any, *, type: str | None = None) -> asyncio.Future[list[Event]]:
         self._check_open()
-        return self._manager.submit(AppendRequest(self.stream_id, [NewEvent.chunk(chunk, type)]))
+        return self._manager.submit(self._request([NewEvent.chunk(chunk, type)]))
 
     def push(self, chunk: Any, *, type: str | None = None) -> None:
         """Queue a chunk without waiting and without a future (the fastest way to stream).
@@ -344,9 +354,10 @@ class StreamWriter:
         raises it. Chunks are committed in the order they were pushed.
         """
         self._check_open()
-        self._manager._push(
-            AppendRequest(self.stream_id, [NewEvent.chunk(chunk, type)]), self._remember
-        )
+        self._manager._push(self._request([NewEvent.chunk(chunk, type)]), self._remember)
+
+    def _request(self, events: list[NewEvent]) -> AppendRequest:
+        return AppendRequest(self.stream_id, events, origin=self.origin)
 
     def _remember(self, failure: StreamError) -> None:
         if self._failure is None:
@@ -368,7 +379,7 @@ class StreamWriter:
             raise StreamError(
                 Status.INVALID_ARGUMENT, "use done(), error() or close() to end a stream"
             )
-        return self._manager.submit(AppendRequest(self.stream_id, [event]))
+        return self._manager.submit(self._request([event]))
 
     async def write(self, chunk: Any, *, type: str | None = None) -> Event:
         return (await self.send(chunk, type=type))[0]
@@ -393,7 +404,7 @@ class StreamWriter:
         self._check_open()
         # Refuse further writes at once, before the terminal event is committed.
         self._ended = how
-        events = await self._manager.submit(AppendRequest(self.stream_id, [event]))
+        events = await self._manager.submit(self._request([event]))
         return events[0]
 
 
@@ -435,6 +446,9 @@ class StreamManager:
         self._tails: dict[str, _Tail] = {}
         self._committing: set[str] = set()
         self._started = False
+        self.stats = LogStats()
+        self.open_streams_seen = 0
+        self._stopped: StreamError | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -471,6 +485,7 @@ class StreamManager:
         content_type: str = JSON_CONTENT_TYPE,
         ttl_seconds: int | None = None,
         idle_timeout_seconds: int | Literal["default"] | None = "default",
+        origin: str = "api",
     ) -> StreamWriter:
         """Create a stream and return its writer; an existing id raises ALREADY_EXISTS."""
         validate_stream_id(stream_id)
@@ -487,12 +502,12 @@ class StreamManager:
             ),
         )
         await self.store.create(spec, self.clock())
-        return StreamWriter(self, stream_id)
+        return StreamWriter(self, stream_id, origin)
 
-    def writer(self, stream_id: str) -> StreamWriter:
+    def writer(self, stream_id: str, origin: str = "api") -> StreamWriter:
         """A writer for a stream opened elsewhere (another request, another process)."""
         validate_stream_id(stream_id)
-        return StreamWriter(self, stream_id)
+        return StreamWriter(self, stream_id, origin)
 
     def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
         """Queue an append for the next group commit."""
@@ -589,6 +604,7 @@ class StreamManager:
         tail = self._tails.get(stream_id)
         if tail is None or tail.gone:
             tail = _Tail(self, stream_id, known_last)
+            tail.failure = self._stopped
             self._tails[stream_id] = tail
         elif known_last > tail.last_seq:
             tail.request_refresh()
@@ -623,6 +639,10 @@ class StreamManager:
                 tail.held_hint = 0
         self._committing = set()
 
+    @property
+    def live_readers(self) -> int:
+        return sum(tail.readers for tail in self._tails.values())
+
     def watched(self) -> dict[str, int]:
         """Streams with local readers and the last seq each has seen."""
         return {stream_id: tail.last_seq for stream_id, tail in self._tails.items()}
@@ -646,6 +666,17 @@ class StreamManager:
         for tail in self._tails.values():
             tail.request_refresh(check_gone=True)
 
+    def stop_readers(self, error: StreamError | None = None) -> None:
+        """End every live reader of this process once it is caught up (shutdown).
+
+        Readers that are behind still get what is stored first; new
+        subscriptions end as soon as they catch up.
+        """
+        self._stopped = error or StreamError(Status.UNAVAILABLE, "the service is shutting down")
+        for tail in self._tails.values():
+            tail.failure = self._stopped
+            tail._notify()
+
     def fail_readers(self, stream_id: str, error: StreamError) -> None:
         """End this process's caught-up readers of a stream with `error`.
 
@@ -656,6 +687,18 @@ class StreamManager:
         if tail is not None:
             tail.failure = error
             tail._notify()
+
+    async def list_streams(
+        self, status: StreamStatus | None = None, limit: int = 50
+    ) -> list[StreamInfo]:
+        """The newest streams first (for inspection; expired ones are left out)."""
+        now = self.clock()
+        found = await self.store.list_streams(status, limit)
+        return [info for info in found if not info.expired(now)]
+
+    async def count_open_streams(self) -> int:
+        self.open_streams_seen = await self.store.count_streams(StreamStatus.OPEN)
+        return self.open_streams_seen
 
     # -- retention --------------------------------------------------------------
 
@@ -676,6 +719,9 @@ class StreamManager:
             await self._end_abandoned(now, report)
             streams, events = await self.store.purge_expired(now, self.sweep_batch_size)
             report.deleted_streams, report.deleted_events = streams, events
+            self.stats.abandoned_streams += report.abandoned
+            self.stats.swept_streams += streams
+            self.stats.swept_events += events
             return report
 
     async def _end_abandoned(self, now: datetime, report: SweepReport) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from app.errors import Status, StreamError
-from app.log.api import AppendRequest, Event, NewStream, StreamInfo
+from app.log.api import AppendRequest, Event, NewStream, StreamInfo, StreamStatus
 from app.log.store import (
     AppendOutcome,
     already_exists,
@@ -92,6 +92,16 @@ class MemoryStore:
 
     async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
         return {i: self._streams[i].info.last_seq for i in stream_ids if i in self._streams}
+
+    async def list_streams(self, status: StreamStatus | None, limit: int) -> list[StreamInfo]:
+        infos = [s.info for s in self._streams.values() if status in (None, s.info.status)]
+        return sorted(infos, key=lambda i: i.created_at, reverse=True)[:limit]
+
+    async def count_streams(self, status: StreamStatus | None) -> int:
+        return sum(1 for s in self._streams.values() if status in (None, s.info.status))
+
+    async def ping(self) -> str | None:
+        return "memory"
 
     async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
         found = [

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from sqlalchemy import Row, bindparam, delete, exists, func, select, update
+from sqlalchemy import Row, bindparam, delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -212,6 +212,25 @@ class SqlStore:
         query = select(streams.c.id, streams.c.last_seq).where(streams.c.id.in_(list(stream_ids)))
         async with _translated(), self.reader.connect() as conn:
             return {row.id: row.last_seq for row in await conn.execute(query)}
+
+    async def list_streams(self, status: StreamStatus | None, limit: int) -> list[StreamInfo]:
+        query = select(streams).order_by(streams.c.created_at.desc()).limit(limit)
+        if status is not None:
+            query = query.where(streams.c.status == status.value)
+        async with _translated(), self.reader.connect() as conn:
+            return [_row_info(row) for row in await conn.execute(query)]
+
+    async def count_streams(self, status: StreamStatus | None) -> int:
+        query = select(func.count()).select_from(streams)
+        if status is not None:
+            query = query.where(streams.c.status == status.value)
+        async with _translated(), self.reader.connect() as conn:
+            return int(await conn.scalar(query) or 0)
+
+    async def ping(self) -> str | None:
+        async with _translated(), self.reader.connect() as conn:
+            revision = await conn.execute(text("SELECT version_num FROM alembic_version"))
+            return revision.scalar()
 
     # -- retention ------------------------------------------------------------
 

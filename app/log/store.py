@@ -56,6 +56,14 @@ class StreamStore(Protocol):
     async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
         """last_seq of each stream that still exists."""
 
+    async def list_streams(self, status: StreamStatus | None, limit: int) -> list[StreamInfo]:
+        """The newest streams first, optionally of one status (expired ones included)."""
+
+    async def count_streams(self, status: StreamStatus | None) -> int: ...
+
+    async def ping(self) -> str | None:
+        """Raises if the database is unreachable; returns its schema revision."""
+
     async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
         """Open streams whose producer has been silent past their abandon deadline."""
 

@@ -1,0 +1,247 @@
+"""Operating the service: readiness, metrics, logs, the inspection commands, shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerFactory
+from tests.support import ROOT, free_port
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def test_readyz_reports_each_check(live_server: ServerFactory) -> None:
+    server = live_server()
+    response = httpx.get(f"{server.url}/readyz")
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "checks": {"database": "ok", "schema": "ok", "listener": "ok"},
+    }
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_change_as_appends_happen(live_server: ServerFactory) -> None:
+    server = live_server()
+    before = httpx.get(f"{server.url}/metrics").text
+    httpx.post(f"{server.url}/flows/countdown", json={"data": {"count": 5}}, headers=SSE)
+    after = httpx.get(f"{server.url}/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    name = 'streamkeep_appends_total{protocol="flows"}'
+    assert _metric(after.text, name) == _metric(before, name) + 6  # 5 chunks and the result
+    assert _metric(after.text, "streamkeep_commits_total") > _metric(
+        before, "streamkeep_commits_total"
+    )
+    assert "streamkeep_request_duration_seconds_bucket" in after.text
+    assert 'route="/flows/{name}"' in after.text  # templates, not stream ids, as labels
+
+
+def test_every_response_carries_a_request_id(live_server: ServerFactory) -> None:
+    server = live_server()
+    generated = httpx.get(f"{server.url}/healthz").headers["x-request-id"]
+    assert len(generated) == 32
+    echoed = httpx.get(f"{server.url}/healthz", headers={"X-Request-Id": "edge-42"})
+    assert echoed.headers["x-request-id"] == "edge-42"
+    ignored = httpx.get(f"{server.url}/healthz", headers={"X-Request-Id": "bad id\twith spaces"})
+    assert ignored.headers["x-request-id"] != "bad id\twith spaces"
+
+
+def test_path_prefix(live_server: ServerFactory) -> None:
+    server = live_server(path_prefix="/streamkeep/")
+    assert httpx.get(f"{server.url}/streamkeep/healthz").status_code == 200
+    assert httpx.get(f"{server.url}/healthz").status_code == 404
+    response = httpx.post(
+        f"{server.url}/streamkeep/flows/countdown", json={"data": {"count": 1}}, headers=SSE
+    )
+    assert response.content.endswith(b'data: {"result":"countdown from 1 done"}\n\n')
+
+
+# -- the service as a process ------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def durable_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
+def start_service(
+    url: str, port: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "--database-url",
+            url,
+            "serve",
+            "--port",
+            str(port),
+            *extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(process.communicate()[0])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("service did not start")
+
+
+def test_json_logs_one_line_per_request_without_payloads(durable_url: str) -> None:
+    port = free_port()
+    process = start_service(durable_url, port, env={"STREAMKEEP_LOG_FORMAT": "json"})
+    try:
+        httpx.post(
+            f"http://127.0.0.1:{port}/flows/echo",
+            json={"data": "SECRET-PAYLOAD"},
+            headers=SSE,
+        )
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert len(lines) == len(output.splitlines())  # every line is JSON
+    access = [line for line in lines if line["logger"] == "streamkeep.access"]
+    assert [line["route"] for line in access if line["method"] == "POST"] == ["/flows/{name}"]
+    assert all(line["request_id"] for line in access)
+    assert "SECRET-PAYLOAD" not in output
+
+
+def test_sigterm_ends_readers_and_flows_and_exits(durable_url: str) -> None:
+    port = free_port()
+    env = {"STREAMKEEP_FLOWS": "tests.protocols.flows_for_tests"}
+    process = start_service(durable_url, port, env=env)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(timeout=30)
+    running = client.stream("POST", f"{base}/flows/forever", json={}, headers=SSE)
+    response = running.__enter__()
+    stream_id = response.headers["x-genkit-stream-id"]
+    chunks = response.iter_raw()
+    next(chunks)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    body = b"".join(chunks)  # ends cleanly, with a terminal frame
+    running.__exit__(None, None, None)
+    output = process.communicate(timeout=30)[0]
+    # uvicorn re-raises the signal once it has shut down cleanly.
+    assert process.returncode in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in output
+    assert time.monotonic() - started < 15  # within the shutdown timeout (10 s) and some slack
+    last = json.loads(body.rstrip(b"\n").split(b"\n\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["status"] == "UNAVAILABLE"
+    # The run's stream was ended in the database, not left open.
+    show = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--database-url", durable_url, "show", stream_id],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(show.stdout.split("\n}\n")[0] + "}")["status"] == "error"
+
+
+# -- inspection commands -------------------------------------------------------------------
+
+
+def streamkeep(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "--database-url", url, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_ls_show_tail_rm(durable_url: str) -> None:
+    port = free_port()
+    process = start_service(durable_url, port)
+    try:
+        for count in (2, 3):
+            httpx.post(
+                f"http://127.0.0.1:{port}/flows/countdown",
+                json={"data": {"count": count}},
+                headers=SSE,
+            )
+        failed = httpx.post(
+            f"http://127.0.0.1:{port}/flows/fail_midway", json={"data": {"count": 2}}, headers=SSE
+        ).headers["x-genkit-stream-id"]
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+
+    listed = streamkeep(durable_url, "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(r["status"] for r in rows) == ["done", "done", "error"]
+    errors = streamkeep(durable_url, "ls", "--status", "error").stdout.splitlines()
+    assert len(errors) == 1 and errors[0].startswith(failed)
+
+    shown = streamkeep(durable_url, "show", failed, "--events", "1")
+    assert '"error_message": "fail_midway: failed after 1 of 2 chunks"' in shown.stdout
+    assert shown.stdout.rstrip().endswith(
+        '2\terror\t{"status":"INTERNAL","message":"fail_midway: failed after 1 of 2 chunks"}'
+    )
+
+    tailed = streamkeep(durable_url, "tail", failed)
+    assert tailed.stdout.splitlines()[0] == "1\tchunk\t2"
+    assert streamkeep(durable_url, "tail", failed, "--after", "1").stdout.startswith("2\terror")
+
+    assert streamkeep(durable_url, "rm", failed).returncode == 0
+    again = streamkeep(durable_url, "rm", failed)
+    assert again.returncode == 1 and "NOT_FOUND" in again.stderr
+    assert streamkeep(durable_url, "show", failed).returncode == 1
+
+
+def test_tail_follows_a_live_stream_to_its_end(durable_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    process = start_service(durable_url, port)
+    try:
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/flows/countdown",
+            json={"data": {"count": 20, "delay_ms": 50}},
+            headers=SSE,
+            timeout=30,
+        ) as response:
+            stream_id = response.headers["x-genkit-stream-id"]
+            tail = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "--database-url", durable_url, "tail", stream_id],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            response.read()
+        out, _ = tail.communicate(timeout=60)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    lines = out.splitlines()
+    assert [line.split("\t")[2] for line in lines[:-1]] == [str(n) for n in range(20, 0, -1)]
+    assert lines[-1] == '21\tdone\t"countdown from 20 done"'
