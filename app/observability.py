@@ -162,6 +162,7 @@ def request_log_middleware(metrics: Metrics) -> Any:
                             "status": status,
                             "duration_ms": round(elapsed * 1000, 1),
                             "response_bytes": sent,
+                            "client": (scope.get("client") or ("-",))[0],
                         }
                     },
                 )

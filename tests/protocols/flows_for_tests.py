@@ -46,3 +46,15 @@ async def forever(data: Any, send_chunk: SendChunk) -> Any:
         send_chunk(n)
         n += 1
         await asyncio.sleep(0.02)
+
+
+second_step = threading.Event()
+
+
+@flow
+async def two_steps(data: Any, send_chunk: SendChunk) -> str:
+    """One chunk at once, the next only when the test says so (to see buffering)."""
+    send_chunk("first")
+    await asyncio.to_thread(second_step.wait, 30)
+    send_chunk("second")
+    return "two steps done"

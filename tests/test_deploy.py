@@ -1,0 +1,195 @@
+"""Deployment: compose.yaml and the Dockerfile as files, and the repository's nginx config for real.
+
+No container engine runs here, so compose.yaml is checked as data; nginx
+(Debian's nginx-light) runs with the very location config compose mounts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from app.config import Settings
+from tests.live import LiveServer
+from tests.protocols import flows_for_tests
+from tests.support import ROOT, free_port
+
+NGINX_DIR = ROOT / "deploy" / "nginx"
+SSE = {"Accept": "text/event-stream"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
+
+
+def test_compose_has_postgres_migration_replicas_and_proxy(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["postgres"]["image"].startswith("postgres:16")
+    assert any(v.startswith("pgdata:") for v in services["postgres"]["volumes"])
+    assert services["migrate"]["command"] == ["streamkeep", "migrate"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    replicas = [name for name in services if name.startswith("streamkeep-")]
+    assert len(replicas) == 2
+    for name in replicas:
+        service = services[name]
+        assert service["build"] == "."
+        assert service["command"][:2] == ["streamkeep", "serve"]
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        url = service["environment"]["STREAMKEEP_DATABASE_URL"]
+        assert url.startswith("postgresql://") and "@postgres:5432/" in url
+        shutdown = float(service["environment"]["STREAMKEEP_SHUTDOWN_TIMEOUT_SECONDS"])
+        assert _seconds(service["stop_grace_period"]) > shutdown
+
+
+def test_compose_proxy_mounts_the_config_the_nginx_test_uses(compose: dict[str, Any]) -> None:
+    proxy = compose["services"]["proxy"]
+    assert proxy["image"].startswith("nginx")
+    mounts = {v.split(":")[0]: v.split(":")[1] for v in proxy["volumes"]}
+    assert mounts["./deploy/nginx/streamkeep.conf"] == "/etc/nginx/streamkeep/streamkeep.conf"
+    assert mounts["./deploy/nginx/nginx.conf"] == "/etc/nginx/nginx.conf"
+    main = (NGINX_DIR / "nginx.conf").read_text()
+    assert "include /etc/nginx/streamkeep/streamkeep.conf;" in main
+    for replica in ("streamkeep-1:4437", "streamkeep-2:4437"):
+        assert f"server {replica};" in main
+
+
+def test_dockerfile_runs_streamkeep_in_exec_form() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY migrations ./migrations" in dockerfile
+    assert 'CMD ["streamkeep", "serve"]' in dockerfile  # exec form: SIGTERM reaches us
+
+
+def _seconds(duration: str) -> float:
+    return float(duration.rstrip("s"))
+
+
+# -- nginx for real -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def nginx(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[str, LiveServer]]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise RuntimeError("nginx is not installed: apt-get install nginx-light (.ci/run does)")
+    service = LiveServer(
+        Settings(database_url=sqlite_url, flows="tests.protocols.flows_for_tests")
+    ).start()
+    port = free_port()
+    upstream = service.url.removeprefix("http://")
+    (tmp_path / "nginx.conf").write_text(
+        f"""
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp_path}/body;
+    proxy_temp_path {tmp_path}/proxy;
+    upstream streamkeep {{ server {upstream}; keepalive 8; }}
+    # Short on purpose: streams must outlive it by their keepalives.
+    proxy_read_timeout 2s;
+    server {{
+        listen 127.0.0.1:{port};
+        include {NGINX_DIR}/streamkeep.conf;
+    }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"{base}/healthz", timeout=1)
+            break
+        except httpx.TransportError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not start: {process.communicate()[0]!r}") from None
+            time.sleep(0.05)
+    try:
+        yield base, service
+    finally:
+        process.terminate()
+        process.wait(10)
+        service.stop()
+
+
+def test_events_pass_the_proxy_unbuffered(nginx: tuple[str, LiveServer]) -> None:
+    base, _ = nginx
+    flows_for_tests.second_step.clear()
+    with httpx.stream(
+        "POST", f"{base}/flows/two_steps", json={}, headers=SSE, timeout=30
+    ) as response:
+        chunks = response.iter_raw()
+        # The second chunk waits for us; if nginx buffered, the first would wait too.
+        assert next(chunks) == b'data: {"message":"first"}\n\n'
+        flows_for_tests.second_step.set()
+        rest = b"".join(chunks)
+    assert rest == b'data: {"message":"second"}\n\ndata: {"result":"two steps done"}\n\n'
+
+
+def test_reconnect_through_the_proxy_resumes(nginx: tuple[str, LiveServer]) -> None:
+    base, _ = nginx
+    first = httpx.post(
+        f"{base}/flows/countdown", json={"data": {"count": 4}}, headers=SSE, timeout=30
+    )
+    stream_id = first.headers["x-genkit-stream-id"]
+    resumed = httpx.post(
+        f"{base}/flows/countdown?after=2",
+        content=b"{}",
+        headers={**SSE, "X-Genkit-Stream-Id": stream_id},
+        timeout=30,
+    )
+    assert resumed.content == b'data: {"message":2}\n\ndata: {"message":1}\n\n' + (
+        b'data: {"result":"countdown from 4 done"}\n\n'
+    )
+
+
+def test_proxy_request_id_reaches_the_service(nginx: tuple[str, LiveServer]) -> None:
+    base, _ = nginx
+    response = httpx.get(f"{base}/healthz")
+    assert len(response.headers["x-request-id"]) == 32  # nginx's $request_id, kept
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies(sqlite_url: str) -> None:
+    from tests.test_ops import start_service
+
+    seen = {}
+    for trusted in ("", "127.0.0.1"):
+        port = free_port()
+        process = start_service(
+            sqlite_url,
+            port,
+            env={"STREAMKEEP_TRUSTED_PROXIES": trusted, "STREAMKEEP_LOG_FORMAT": "json"},
+        )
+        try:
+            httpx.get(
+                f"http://127.0.0.1:{port}/healthz", headers={"X-Forwarded-For": "203.0.113.9"}
+            )
+        finally:
+            process.terminate()
+            output = process.communicate(timeout=30)[0]
+        access = [
+            json.loads(line)
+            for line in output.splitlines()
+            if line.startswith("{") and '"streamkeep.access"' in line
+        ]
+        seen[trusted] = access[-1]["client"]
+    assert seen == {"": "127.0.0.1", "127.0.0.1": "203.0.113.9"}
