@@ -40,6 +40,20 @@ def pg_url(pg_server: PostgresServer) -> Iterator[str]:
     drop_database(pg_server, name)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database (no schema) on SQLite and on Postgres."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("pg_server")
+    name = f"empty_{abs(hash(request.node.name)) % 10**8}"
+    server.admin(f'DROP DATABASE IF EXISTS "{name}"')
+    server.admin(f'CREATE DATABASE "{name}"')
+    yield server.database_url(name)
+    drop_database(server, name)
+
+
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("template") / "template.db"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -245,3 +246,91 @@ def test_tail_follows_a_live_stream_to_its_end(durable_url: str, tmp_path: Path)
     lines = out.splitlines()
     assert [line.split("\t")[2] for line in lines[:-1]] == [str(n) for n in range(20, 0, -1)]
     assert lines[-1] == '21\tdone\t"countdown from 20 done"'
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_readyz_follows_postgres_going_away_and_coming_back() -> None:
+    from app.migrate import upgrade
+    from tests.support import PostgresServer
+
+    # A server of its own: stopping the shared one would disturb other tests.
+    server = PostgresServer.start()
+    try:
+        import asyncio
+
+        asyncio.run(upgrade(server.url))
+        port = free_port()
+        process = start_service(server.url, port)
+        ready = f"http://127.0.0.1:{port}/readyz"
+        try:
+            assert httpx.get(ready).status_code == 200
+            server.pg_ctl("stop")
+            unready = _poll(ready, lambda r: r.status_code == 503)
+            assert unready.headers["retry-after"]
+            assert unready.json()["checks"]["database"] != "ok"
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+            server.pg_ctl("start")
+            back = _poll(ready, lambda r: r.status_code == 200, within=60)
+            assert back.json()["checks"] == {"database": "ok", "schema": "ok", "listener": "ok"}
+        finally:
+            process.terminate()
+            process.communicate(timeout=30)
+    finally:
+        server.stop()
+
+
+def _poll(url: str, until: Any, within: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + within
+    while True:
+        response = httpx.get(url, timeout=10)
+        if until(response) or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)
+
+
+def test_auto_migrate_with_three_processes_starting_at_once(empty_url: str) -> None:
+    ports = [free_port() for _ in range(3)]
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "--database-url",
+                empty_url,
+                "serve",
+                "--port",
+                str(port),
+                "--auto-migrate",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for port in ports
+    ]
+    try:
+        for port, process in zip(ports, processes, strict=True):
+            response = _poll_up(f"http://127.0.0.1:{port}/readyz", process)
+            assert response.json()["checks"]["schema"] == "ok"
+    finally:
+        for process in processes:
+            process.terminate()
+            process.communicate(timeout=30)
+
+
+def _poll_up(url: str, process: subprocess.Popen[str]) -> httpx.Response:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(process.communicate()[0])
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never became ready")

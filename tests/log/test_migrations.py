@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,20 +23,7 @@ from app.migrate import (
     migration_engine,
     upgrade,
 )
-from tests.support import ROOT, PostgresServer, drop_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'empty.db'}"
-        return
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    name = f"empty_{abs(hash(request.node.name)) % 10**8}"
-    server.admin(f'DROP DATABASE IF EXISTS "{name}"')
-    server.admin(f'CREATE DATABASE "{name}"')
-    yield server.database_url(name)
-    drop_database(server, name)
+from tests.support import ROOT
 
 
 async def _inspect(url: str, fn: Any) -> Any:
