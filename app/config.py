@@ -41,6 +41,13 @@ class Settings:
     flows: str = ""
     # How long a SIGTERM'd process may take to end its streams and flows and exit.
     shutdown_timeout_seconds: float = 10.0
+    # Limits; a request over one gets a clear 4xx and changes nothing.
+    max_event_bytes: int = 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024
+    max_readers_per_stream: int = 10_000
+    max_open_streams: int = 0  # 0: no limit
+    # A reader whose connection accepts nothing for this long is dropped.
+    stall_timeout_seconds: float = 60.0
     # Addresses (comma-separated, or *) whose X-Forwarded-For/-Proto are believed.
     trusted_proxies: str = ""
     # Serve everything under this path, e.g. /streamkeep (for a shared reverse proxy).

@@ -51,18 +51,25 @@ _HTTP_STATUS: dict[Status, int] = {
 }
 
 
-def http_status(status: Status) -> int:
+def http_status(status: Status | StreamError) -> int:
+    """The HTTP status for a status name, or for an error (which may name its own)."""
+    if isinstance(status, StreamError):
+        return status.http or _HTTP_STATUS[status.status]
     return _HTTP_STATUS[status]
 
 
 class StreamError(Exception):
     """A failure with a status name, a public message and optional details."""
 
-    def __init__(self, status: Status, message: str, details: Any = None) -> None:
+    def __init__(
+        self, status: Status, message: str, details: Any = None, *, http: int | None = None
+    ) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
         self.details = details
+        # An HTTP status more precise than the status name's (413 for a too-large event).
+        self.http = http
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": str(self.status), "message": self.message}
@@ -93,3 +100,12 @@ class StreamError(Exception):
 
 def not_found(stream_id: str) -> StreamError:
     return StreamError(Status.NOT_FOUND, f"stream {stream_id!r} not found")
+
+
+def too_large(what: str, size: int, limit: int) -> StreamError:
+    return StreamError(
+        Status.RESOURCE_EXHAUSTED,
+        f"{what} is {size} bytes, more than the limit of {limit} bytes",
+        {"limit": limit},
+        http=413,
+    )

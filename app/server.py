@@ -7,19 +7,23 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-from litestar import Litestar, Router
+from litestar import Litestar, Request, Response, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
+from app.errors import Status, StreamError, http_status
 from app.flows import load_flow_modules
 from app.flows.runner import FlowRunner
 from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
-from app.protocols import EXPOSED_HEADERS, protocol_routers
+from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_routers
 from app.protocols.ops import ops_router
 
 log = logging.getLogger("streamkeep")
@@ -36,6 +40,9 @@ def build_manager(settings: Settings) -> StreamManager:
         safety_poll_seconds=settings.safety_poll_seconds,
         sweep_batch_size=settings.sweep_batch_size,
         pool_size=settings.pool_size,
+        max_event_bytes=settings.max_event_bytes,
+        max_readers_per_stream=settings.max_readers_per_stream,
+        max_open_streams=settings.max_open_streams or None,
     )
 
 
@@ -66,6 +73,91 @@ async def sweep_forever(manager: StreamManager, interval: float) -> None:
                 report.deleted_streams,
                 report.deleted_events,
             )
+
+
+def stream_error_response(_request: Request[Any, Any, Any], exc: StreamError) -> Response[Any]:
+    """Any StreamError that reaches the framework: its status, as JSON; 503s say when to retry."""
+    status = http_status(exc)
+    headers = {"Retry-After": "2"} if status == 503 else {}
+    return Response({"error": exc.to_dict()}, status_code=status, headers=headers)
+
+
+def http_error_response(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    """The framework's own errors (unknown route, body too large, ...) in the same shape."""
+    status = STATUS_FOR_HTTP.get(exc.status_code, Status.UNKNOWN)
+    error = StreamError(status, str(exc.detail), getattr(exc, "extra", None) or None)
+    return Response(
+        {"error": error.to_dict()}, status_code=exc.status_code, headers=exc.headers or {}
+    )
+
+
+STATUS_FOR_HTTP = {
+    400: Status.INVALID_ARGUMENT,
+    401: Status.UNAUTHENTICATED,
+    403: Status.PERMISSION_DENIED,
+    404: Status.NOT_FOUND,
+    405: Status.UNIMPLEMENTED,
+    409: Status.ABORTED,
+    413: Status.RESOURCE_EXHAUSTED,
+    429: Status.RESOURCE_EXHAUSTED,
+    500: Status.INTERNAL,
+    503: Status.UNAVAILABLE,
+}
+
+
+def stream_guard(timeout: float) -> Any:
+    """Bounds what a streaming response can hold on to.
+
+    * A reader that accepts nothing for `timeout` seconds is dropped. The
+      server's send waits while the client's socket buffer is full, so until
+      then a stalled reader costs only that buffer, not the stream.
+    * However a response ends (done, disconnected, dropped), the body
+      iterators it registered (app.protocols.closing_body) are closed, so their
+      subscriptions end at once instead of whenever the garbage collector runs.
+    """
+
+    def middleware(app: ASGIApp) -> ASGIApp:
+        async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+            async def guarded(message: Message) -> None:
+                if message["type"] == "http.response.body" and message.get("more_body"):
+                    try:
+                        async with asyncio.timeout(timeout):
+                            await send(message)
+                    except TimeoutError:
+                        raise ReaderStalled from None
+                else:
+                    await send(message)
+
+            try:
+                await app(scope, receive, guarded)
+            except Exception as exc:
+                if not _caused_by(exc, ReaderStalled):
+                    raise
+                log.info("dropped a reader that accepted nothing for %.0f s", timeout)
+            finally:
+                await close_bodies(scope)
+
+        return handle
+
+    return middleware
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in the chain of `exc`, including inside exception groups."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        if isinstance(seen, BaseExceptionGroup) and any(
+            _caused_by(inner, kind) for inner in seen.exceptions
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class ReaderStalled(Exception):
+    pass
 
 
 def begin_shutdown(app: Litestar) -> None:
@@ -117,7 +209,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         # Everything under the configured prefix, so a proxy can pass paths unchanged.
         route_handlers=[Router(path=prefix, route_handlers=[ops_router(), *protocol_routers()])],
-        middleware=[request_log_middleware(metrics)],
+        middleware=[request_log_middleware(metrics), stream_guard(settings.stall_timeout_seconds)],
+        exception_handlers={StreamError: stream_error_response, HTTPException: http_error_response},
+        request_max_body_size=settings.max_request_bytes,
         # Browsers on other origins may read streams: any origin, any header.
         cors_config=CORSConfig(
             allow_origins=["*"],

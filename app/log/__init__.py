@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.errors import Status, StreamError
 from app.log.api import (
     Event,
@@ -39,28 +41,19 @@ __all__ = [
 def create_manager(
     database_url: str,
     *,
-    clock: Clock = utcnow,
-    ttl_seconds: int = 300,
-    idle_timeout_seconds: int | None = 600,
     sqlite_poll_seconds: float = 0.1,
     sqlite_busy_timeout_ms: int = 5000,
     sqlite_synchronous: str = "NORMAL",
-    safety_poll_seconds: float = 30.0,
-    sweep_batch_size: int = 5000,
     pool_size: int = 5,
+    **manager_options: Any,
 ) -> StreamManager:
-    """A manager on `database_url` ("memory" for the in-memory store) with its wake-ups."""
+    """A manager on `database_url` ("memory" for the in-memory store) with its wake-ups.
+
+    `manager_options` go to StreamManager (clock, ttl_seconds, limits, ...).
+    """
     if database_url == "memory":
         memory = MemoryStore()
-        return StreamManager(
-            memory,
-            notifier=MemoryNotifier(memory),
-            clock=clock,
-            ttl_seconds=ttl_seconds,
-            idle_timeout_seconds=idle_timeout_seconds,
-            safety_poll_seconds=safety_poll_seconds,
-            sweep_batch_size=sweep_batch_size,
-        )
+        return StreamManager(memory, notifier=MemoryNotifier(memory), **manager_options)
     url = normalize_url(database_url)
     store = SqlStore(
         url,
@@ -73,12 +66,4 @@ def create_manager(
         if is_sqlite(url)
         else PostgresListener(asyncpg_dsn(url))
     )
-    return StreamManager(
-        store,
-        notifier=notifier,
-        clock=clock,
-        ttl_seconds=ttl_seconds,
-        idle_timeout_seconds=idle_timeout_seconds,
-        safety_poll_seconds=safety_poll_seconds,
-        sweep_batch_size=sweep_batch_size,
-    )
+    return StreamManager(store, notifier=notifier, **manager_options)

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
-from app.errors import Status, StreamError, not_found
+from app.errors import Status, StreamError, not_found, too_large
 from app.log.api import (
     JSON_CONTENT_TYPE,
     AppendRequest,
@@ -431,6 +431,9 @@ class StreamManager:
         tail_window: int = 1024,
         safety_poll_seconds: float = 30.0,
         sweep_batch_size: int = 5000,
+        max_event_bytes: int = 1024 * 1024,
+        max_readers_per_stream: int = 10_000,
+        max_open_streams: int | None = None,
     ) -> None:
         self.store = store
         self.notifier = notifier
@@ -441,6 +444,9 @@ class StreamManager:
         self.tail_window = tail_window
         self.safety_poll_seconds = safety_poll_seconds
         self.sweep_batch_size = sweep_batch_size
+        self.max_event_bytes = max_event_bytes
+        self.max_readers_per_stream = max_readers_per_stream
+        self.max_open_streams = max_open_streams
         self._max_batch = max_batch
         self._committer: _Committer | None = None
         self._tails: dict[str, _Tail] = {}
@@ -489,6 +495,13 @@ class StreamManager:
     ) -> StreamWriter:
         """Create a stream and return its writer; an existing id raises ALREADY_EXISTS."""
         validate_stream_id(stream_id)
+        if self.max_open_streams is not None:
+            open_now = await self.count_open_streams()
+            if open_now >= self.max_open_streams:
+                raise StreamError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{open_now} streams are open, the limit is {self.max_open_streams}",
+                )
         if ttl_seconds is not None and ttl_seconds < 0:
             raise StreamError(Status.INVALID_ARGUMENT, "ttl_seconds must not be negative")
         spec = NewStream(
@@ -515,6 +528,9 @@ class StreamManager:
             raise StreamError(Status.INVALID_ARGUMENT, "an append needs at least one event")
         if any(e.kind.is_terminal for e in request.events[:-1]):
             raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
+        for event in request.events:
+            if len(event.payload) > self.max_event_bytes:
+                raise too_large("the event", len(event.payload), self.max_event_bytes)
         if self._committer is None:
             self._committer = _Committer(self, self._max_batch)
         return self._committer.submit(request)
@@ -567,6 +583,7 @@ class StreamManager:
         Protocols use it to put many events into one network write.
         """
         info = await self.info(stream_id)
+        self._check_reader_capacity(stream_id)
         return self._follow(stream_id, after or 0, info.last_seq)
 
     async def _follow(
@@ -610,6 +627,15 @@ class StreamManager:
             tail.request_refresh()
         tail.readers += 1
         return tail
+
+    def _check_reader_capacity(self, stream_id: str) -> None:
+        tail = self._tails.get(stream_id)
+        if tail is not None and tail.readers >= self.max_readers_per_stream:
+            raise StreamError(
+                Status.RESOURCE_EXHAUSTED,
+                f"stream {stream_id!r} has {tail.readers} readers here, "
+                f"the limit is {self.max_readers_per_stream}",
+            )
 
     def _detach(self, tail: _Tail) -> None:
         tail.readers -= 1

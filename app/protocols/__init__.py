@@ -5,12 +5,38 @@ None of them writes SQL; each exposes a Litestar Router that app.server mounts.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 from litestar import Request, Router
 
 from app.log import StreamManager
 
 # Response headers that browsers' scripts may read, whatever the protocol (CORS).
 EXPOSED_HEADERS = ["X-Genkit-Stream-Id"]
+
+
+BODIES_KEY = "streamkeep.bodies"
+
+
+def closing_body(request: Request, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
+    """Register a streaming body so that it is closed when its response ends, however it ends.
+
+    Litestar does not close a body iterator whose client went away while a
+    send was pending; app.server's stream guard does, through this list.
+    """
+    scope: dict[str, Any] = request.scope  # type: ignore[assignment]
+    scope.setdefault(BODIES_KEY, []).append(body)
+    return body
+
+
+async def close_bodies(scope: Any) -> None:
+    for body in scope.pop(BODIES_KEY, []):
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
 
 def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]

@@ -29,7 +29,7 @@ from app.errors import Status, StreamError, http_status
 from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
 from app.log import Event, EventKind, StreamManager
-from app.protocols import manager_of
+from app.protocols import closing_body, manager_of
 
 log = logging.getLogger("streamkeep.genkit")
 
@@ -125,23 +125,27 @@ def _resume_cursor(request: Request[Any, Any, Any]) -> int:
     return int(raw)
 
 
-def _stream_response(batches: AsyncIterator[list[Event]], stream_id: str) -> Stream:
+def _stream_response(
+    request: Request[Any, Any, Any], batches: AsyncIterator[list[Event]], stream_id: str
+) -> Stream:
     return Stream(
-        frames(batches),
+        closing_body(request, frames(batches)),
         media_type="text/event-stream",
         status_code=200,
         headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id},
     )
 
 
-async def _reconnect(manager: StreamManager, stream_id: str, after: int) -> Response[Any]:
+async def _reconnect(
+    request: Request[Any, Any, Any], manager: StreamManager, stream_id: str, after: int
+) -> Response[Any]:
     try:
         batches = await manager.subscribe_batches(stream_id, after=after)
     except StreamError as exc:
         if exc.status is Status.NOT_FOUND:
             return Response(content=b"", status_code=204)
         raise
-    return _stream_response(batches, stream_id)
+    return _stream_response(request, batches, stream_id)
 
 
 async def _run_to_end(manager: StreamManager, stream_id: str) -> Response[Any]:
@@ -179,11 +183,11 @@ def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
         manager = manager_of(request)
         reconnect_id = request.headers.get(STREAM_ID_HEADER, "").strip()
         if streaming and reconnect_id:
-            return await _reconnect(manager, reconnect_id, _resume_cursor(request))
+            return await _reconnect(request, manager, reconnect_id, _resume_cursor(request))
         runner: FlowRunner = runner_of(request)
         stream_id = await runner.start(flow, data)
         if not streaming:
             return await _run_to_end(manager, stream_id)
-        return _stream_response(await manager.subscribe_batches(stream_id), stream_id)
+        return _stream_response(request, await manager.subscribe_batches(stream_id), stream_id)
 
     return Router(path="/flows", route_handlers=[run_flow])

@@ -58,3 +58,15 @@ async def two_steps(data: Any, send_chunk: SendChunk) -> str:
     await asyncio.to_thread(second_step.wait, 30)
     send_chunk("second")
     return "two steps done"
+
+
+@flow
+async def firehose(data: Any, send_chunk: SendChunk) -> int:
+    """{"count": N, "size": bytes, "pause_ms": ms}: N chunks of `size` characters."""
+    count, size = int(data["count"]), int(data["size"])
+    pause = data.get("pause_ms", 1) / 1000
+    for n in range(count):
+        send_chunk(f"{n:08d}" + "x" * max(size - 8, 0))
+        if n % 10 == 0:
+            await asyncio.sleep(pause)
+    return count
