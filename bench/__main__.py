@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="print the table as Markdown (for the README)"
     )
     parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record each scenario with py-spy into DIR/<scenario>.txt (summary: bench.profile)",
+    )
+    parser.add_argument(
         "--postgres-url",
         help="use this Postgres server instead of starting a durable throwaway one "
         "(its durability settings are then whatever it has)",
@@ -51,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         databases = open_databases(args.db, scratch, args.postgres_url)
         try:
-            results = run_all(names, args.db, databases, scratch, args.smoke)
+            if args.profile:
+                args.profile.mkdir(parents=True, exist_ok=True)
+            results = run_all(names, args.db, databases, scratch, args.smoke, args.profile)
         finally:
             databases.close()
     finally:

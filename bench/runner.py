@@ -15,6 +15,7 @@ from bench.child import RESULTS_MARKER
 from bench.context import ROOT, Context
 from bench.databases import Databases
 from bench.procs import python_env
+from bench.profile import py_spy_command
 from bench.results import Result, resolve
 from bench.scenarios import SCENARIOS
 
@@ -33,15 +34,23 @@ def selected(only: list[str] | None) -> list[str]:
 
 
 def run_scenario(
-    name: str, db: str, databases: Databases, scratch: Path, smoke: bool
+    name: str,
+    db: str,
+    databases: Databases,
+    scratch: Path,
+    smoke: bool,
+    profile_dir: Path | None = None,
 ) -> list[Result]:
     scenario = SCENARIOS[name]
     url = databases.fresh(name.replace("-", "_")) if scenario.needs_database else ""
     context = Context(db=db, database_url=url, smoke=smoke, workdir=str(scratch))
+    command = [sys.executable, "-m", "bench.child", name, context.to_json()]
+    if profile_dir is not None:
+        command = py_spy_command(profile_dir / f"{name}.txt") + command
     started = time.monotonic()
     try:
         completed = subprocess.run(
-            [sys.executable, "-m", "bench.child", name, context.to_json()],
+            command,
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -65,12 +74,17 @@ def _failed(name: str, note: str) -> Result:
 
 
 def run_all(
-    names: list[str], db: str, databases: Databases, scratch: Path, smoke: bool
+    names: list[str],
+    db: str,
+    databases: Databases,
+    scratch: Path,
+    smoke: bool,
+    profile_dir: Path | None = None,
 ) -> list[Result]:
     results: list[Result] = []
     for name in names:
         print(f"scenario {name} on {db}{' (smoke)' if smoke else ''}", file=sys.stderr)
-        results.extend(run_scenario(name, db, databases, scratch, smoke))
+        results.extend(run_scenario(name, db, databases, scratch, smoke, profile_dir))
     resolve(results)
     return results
 

@@ -113,7 +113,8 @@ def _result(case: LiveCase, events: int, figures: Figures) -> Result:
         case.scenario,
         case.title,
         case.key,
-        value=queries / events if events else None,
+        # The terminal event is an event too: it is read like the others.
+        value=queries / (events + 1),
         unit="queries/event",
         p50_ms=figures.p50_ms,
         p99_ms=figures.p99_ms,
