@@ -6,9 +6,9 @@
 * The Durable Streams reference server, @durable-streams/server, in memory and
   file-backed (tests/node/durable-streams/start-reference-server.mjs).
 
-Both need their node_modules (`npm ci --omit=optional` in the directory). The
-Durable Streams directory can be pointed elsewhere with
-BENCH_DURABLE_STREAMS_DIR while it is not on this branch yet.
+Both need their node_modules: scripts/test.sh installs Genkit's (`npm ci
+--omit=optional`); the Durable Streams harness needs `npm install --no-audit
+--no-fund` (see its README). BENCH_DURABLE_STREAMS_DIR points at another copy.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ DURABLE_STREAMS_DIR = Path(
 )
 
 
-def missing_node_harness(directory: Path, entry: str) -> str | None:
+def missing_node_harness(directory: Path, entry: str, install: str) -> str | None:
     """Why a Node harness cannot run here, or None if it can."""
     if shutil.which("node") is None:
         return "node is not installed"
     if not (directory / entry).exists():
         return f"{directory / entry} is not on this branch yet"
     if not (directory / "node_modules").is_dir():
-        return f"run `npm ci --omit=optional` in {directory}"
+        return f"run `{install}` in {directory}"
     return None
 
 

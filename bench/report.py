@@ -17,6 +17,11 @@ def machine_line(machine: dict[str, Any]) -> str:
     return (
         f"{machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
         f"Python {machine['python']}, SQLite {machine['sqlite']}, {machine['postgres']}"
+        + (
+            f", load average {machine['load_average_1m']} at the end"
+            if "load_average_1m" in machine
+            else ""
+        )
     )
 
 

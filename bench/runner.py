@@ -102,6 +102,8 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "kernel": platform.release(),
+        # Other work on the machine skews every figure: a 2-core box with load > 1 is busy.
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "postgres": _postgres_version(),
         "sqlite": _sqlite_version(),
     }

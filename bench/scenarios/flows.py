@@ -63,7 +63,7 @@ async def _streamkeep_has_flow(base_url: str) -> bool:
 
 
 async def run(ctx: Context) -> list[Result]:
-    why_not = missing_node_harness(GENKIT_DIR, "client.mjs")
+    why_not = missing_node_harness(GENKIT_DIR, "client.mjs", "npm ci --omit=optional")
     if why_not is not None:
         return [skipped(SCENARIO, "Genkit client vs Genkit Express", "flows/skipped", why_not)]
     count = ctx.size(10_000, 200)

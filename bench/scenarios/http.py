@@ -114,7 +114,9 @@ async def run(ctx: Context) -> list[Result]:
 
 async def peers(ctx: Context) -> list[Result]:
     """The Durable Streams reference server through the same append load."""
-    why_not = missing_node_harness(DURABLE_STREAMS_DIR, "start-reference-server.mjs")
+    why_not = missing_node_harness(
+        DURABLE_STREAMS_DIR, "start-reference-server.mjs", "npm install --no-audit --no-fund"
+    )
     if why_not is None and not wrk_available():
         why_not = WRK_MISSING
     if why_not is not None:
