@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.databases import open_databases
 from bench.results import markdown_table, text_table
-from bench.runner import report, run_all, selected
+from bench.runner import Run, report, run_all, selected
 from bench.scenarios import SCENARIOS
 
 
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.profile:
                 args.profile.mkdir(parents=True, exist_ok=True)
-            results = run_all(names, args.db, databases, scratch, args.smoke, args.profile)
+            run = Run(args.db, databases, scratch, args.smoke, args.profile)
+            results = run_all(names, run)
         finally:
             databases.close()
     finally:

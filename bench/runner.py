@@ -8,6 +8,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +34,25 @@ def selected(only: list[str] | None) -> list[str]:
     return [n for n in SCENARIOS if n in wanted]
 
 
-def run_scenario(
-    name: str,
-    db: str,
-    databases: Databases,
-    scratch: Path,
-    smoke: bool,
-    profile_dir: Path | None = None,
-) -> list[Result]:
+@dataclass(frozen=True)
+class Run:
+    """What every scenario of one `python -m bench` invocation shares."""
+
+    db: str
+    databases: Databases
+    scratch: Path
+    smoke: bool
+    profile_dir: Path | None = None
+
+
+def run_scenario(name: str, run: Run) -> list[Result]:
     scenario = SCENARIOS[name]
+    databases, smoke = run.databases, run.smoke
     url = databases.fresh(name.replace("-", "_")) if scenario.needs_database else ""
-    context = Context(db=db, database_url=url, smoke=smoke, workdir=str(scratch))
+    context = Context(db=run.db, database_url=url, smoke=smoke, workdir=str(run.scratch))
     command = [sys.executable, "-m", "bench.child", name, context.to_json()]
-    if profile_dir is not None:
-        command = py_spy_command(profile_dir / f"{name}.txt") + command
+    if run.profile_dir is not None:
+        command = py_spy_command(run.profile_dir / f"{name}.txt") + command
     started = time.monotonic()
     try:
         completed = subprocess.run(
@@ -73,18 +79,11 @@ def _failed(name: str, note: str) -> Result:
     return Result(name, "(scenario)", f"{name}/failed", status="failed", note=note)
 
 
-def run_all(
-    names: list[str],
-    db: str,
-    databases: Databases,
-    scratch: Path,
-    smoke: bool,
-    profile_dir: Path | None = None,
-) -> list[Result]:
+def run_all(names: list[str], run: Run) -> list[Result]:
     results: list[Result] = []
     for name in names:
-        print(f"scenario {name} on {db}{' (smoke)' if smoke else ''}", file=sys.stderr)
-        results.extend(run_scenario(name, db, databases, scratch, smoke, profile_dir))
+        print(f"scenario {name} on {run.db}{' (smoke)' if run.smoke else ''}", file=sys.stderr)
+        results.extend(run_scenario(name, run))
     resolve(results)
     return results
 
