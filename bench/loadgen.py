@@ -1,0 +1,204 @@
+"""HTTP load: wrk (C, one thread) driven by a generated Lua script, and HTTP servers to aim it at.
+
+wrk is used rather than a Python client so that the load generator is not the
+bottleneck: one wrk thread does several times what one uvicorn worker can
+answer. Each run also reports how busy wrk and the server were, so a reader of
+the table can check that the server, not wrk, was saturated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bench.procs import Child, cpu_seconds, free_port, python_env
+
+WRK_MISSING = "wrk is not installed (apt-get install wrk; .ci/run installs it)"
+
+
+@dataclass(frozen=True)
+class HttpLoad:
+    """The same small request over and over, round-robin over `paths`."""
+
+    base_url: str
+    paths: list[str]
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    connections: int = 16
+    seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    p50_ms: float
+    p99_ms: float
+    loadgen_cpu: float  # wrk's CPU time over wall time (1.0 = one core busy)
+    server_cpu: float | None
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def extra(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "non_2xx": self.non_2xx,
+            "socket_errors": self.socket_errors,
+            "loadgen_cpu": round(self.loadgen_cpu, 2),
+            "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 2),
+        }
+
+
+def wrk_available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def lua_script(load: HttpLoad) -> str:
+    """A wrk script: fixed method, headers and body; paths in turn; JSON summary at the end."""
+
+    def long_string(text: str) -> str:
+        return f"[==[{text}]==]"
+
+    lines = [
+        f"wrk.method = {long_string(load.method)}",
+        f"wrk.body = {long_string(load.body.decode())}",
+        *(f"wrk.headers[ {long_string(k)} ] = {long_string(v)}" for k, v in load.headers.items()),
+        "local paths = {" + ", ".join(long_string(p) for p in load.paths) + "}",
+        "local n = 0",
+        "request = function()",
+        "  n = n + 1",
+        "  return wrk.format(nil, paths[(n % #paths) + 1])",
+        "end",
+        "done = function(summary, latency, requests)",
+        "  local e = summary.errors",
+        '  io.write(string.format(\'{"requests":%d,"duration_us":%d,"non_2xx":%d,'
+        '"socket_errors":%d,"p50_us":%d,"p99_us":%d}\\n\', summary.requests, '
+        "summary.duration, e.status, e.connect + e.read + e.write + e.timeout, "
+        "latency:percentile(50), latency:percentile(99)))",
+        "end",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(lua_script(load))
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        "wrk",
+        "-t1",
+        f"-c{load.connections}",
+        f"-d{max(1, round(load.seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        script.name,
+        load.base_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    wall = time.monotonic() - started
+    os.remove(script.name)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary = _summary(stdout.decode(), stderr.decode())
+    wrk_cpu = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    return LoadResult(
+        requests=summary["requests"],
+        seconds=summary["duration_us"] / 1e6,
+        non_2xx=summary["non_2xx"],
+        socket_errors=summary["socket_errors"],
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        loadgen_cpu=wrk_cpu / wall,
+        server_cpu=(cpu_seconds(server_pid) - server_before) / wall if server_pid else None,
+    )
+
+
+def _summary(stdout: str, stderr: str) -> dict[str, int]:
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            parsed: dict[str, int] = json.loads(line)
+            return parsed
+    raise RuntimeError(f"wrk printed no summary:\n{stdout}\n{stderr}")
+
+
+# -- servers to aim at ------------------------------------------------------------
+
+
+class HttpServer:
+    """A server process on loopback, ready once GET /healthz answers 200."""
+
+    def __init__(self, child: Child, base_url: str) -> None:
+        self.child = child
+        self.base_url = base_url
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        argv: list[str],
+        port: int,
+        *,
+        python: bool = True,
+        env: dict[str, str] | None = None,
+        health: str = "/healthz",
+    ) -> HttpServer:
+        child = await Child.start(name, *argv, python=python, env=env)
+        server = cls(child, f"http://127.0.0.1:{port}")
+        await server._wait_ready(health)
+        return server
+
+    async def _wait_ready(self, health: str, within: float = 60) -> None:
+        deadline = time.monotonic() + within
+        async with httpx.AsyncClient() as client:
+            while time.monotonic() < deadline:
+                if self.child.process.returncode is not None:
+                    raise RuntimeError(f"{self.child.name} exited before it was ready")
+                try:
+                    if (await client.get(self.base_url + health)).status_code < 500:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"{self.child.name} did not answer within {within} s")
+
+    async def stop(self) -> None:
+        await self.child.stop()
+
+
+async def start_noop_server() -> HttpServer:
+    port = free_port()
+    return await HttpServer.start("noop-server", ["-m", "bench.noop_server", str(port)], port)
+
+
+async def start_streamkeep(database_url: str) -> HttpServer:
+    """The real service, as an operator starts it: `streamkeep serve`, one uvicorn worker."""
+    port = free_port()
+    argv = ["-m", "app.cli", "--database-url", database_url, "serve", "--port", str(port)]
+    # WARNING like the no-op server: at INFO uvicorn logs every request, which
+    # would measure the terminal, not the service.
+    env = {**python_env(), "STREAMKEEP_LOG_LEVEL": "WARNING"}
+    return await HttpServer.start("streamkeep", argv, port, env=env)

@@ -1,0 +1,152 @@
+"""What a scenario reports: one Result per measured case, plus the targets they are held to.
+
+Results travel as JSON from the child process that ran the scenario to the
+parent, which fills in ratios (a throughput over a ceiling measured in the same
+run), checks the targets and prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypedDict
+
+Status = Literal["ok", "pending", "skipped", "failed"]
+Metric = Literal["value", "ratio", "p50_ms", "p99_ms"]
+
+
+@dataclass
+class Target:
+    """A bound one metric of a result must respect, e.g. ratio >= 0.5."""
+
+    metric: Metric
+    op: Literal[">=", "<="]
+    bound: float
+    text: str
+
+    def check(self, result: Result) -> bool | None:
+        actual = getattr(result, self.metric)
+        if actual is None or (isinstance(actual, float) and math.isnan(actual)):
+            return None
+        return bool(actual >= self.bound if self.op == ">=" else actual <= self.bound)
+
+
+@dataclass
+class Result:
+    """One row of the table."""
+
+    scenario: str  # the issue's scenario number and name, e.g. "2 append (in process)"
+    case: str  # what exactly ran, e.g. "pipelined send(), 1 stream"
+    key: str  # stable id for JSON consumers and ratio references, e.g. "append/pipelined-1"
+    value: float | None = None
+    unit: str = ""
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    # The key of another result of this run that `value` is divided by.
+    ratio_to: str | None = None
+    ratio: float | None = None
+    targets: list[Target] = field(default_factory=list)
+    met: bool | None = None  # all targets met; None when there are none or a figure is missing
+    status: Status = "ok"
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Result:
+        targets = [Target(**t) for t in data.pop("targets", [])]
+        return cls(**data, targets=targets)
+
+
+def pending(scenario: str, case: str, key: str, note: str) -> Result:
+    """A case that cannot run yet, e.g. because its HTTP endpoint has not landed."""
+    return Result(scenario, case, key, status="pending", note=note)
+
+
+def skipped(scenario: str, case: str, key: str, note: str) -> Result:
+    return Result(scenario, case, key, status="skipped", note=note)
+
+
+def resolve(results: list[Result]) -> None:
+    """Fill in ratios from the ceilings of the same run, then check targets."""
+    by_key = {r.key: r for r in results}
+    for result in results:
+        base = by_key.get(result.ratio_to or "")
+        if base is not None and base.value and result.value is not None:
+            result.ratio = result.value / base.value
+        if result.targets and result.status == "ok":
+            verdicts = [t.check(result) for t in result.targets]
+            result.met = None if None in verdicts else all(verdicts)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank; NaN for no samples."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+class Latency(TypedDict):
+    p50_ms: float
+    p99_ms: float
+
+
+def latency_fields(seconds: list[float]) -> Latency:
+    """p50/p99 in milliseconds from latencies in seconds (for Result(**...))."""
+    return {"p50_ms": percentile(seconds, 50) * 1000, "p99_ms": percentile(seconds, 99) * 1000}
+
+
+# -- the table ----------------------------------------------------------------
+
+COLUMNS = ("scenario", "case", "value", "ratio", "p50 ms", "p99 ms", "target", "note")
+
+
+def _number(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: "?"}[met]
+
+
+def _row(result: Result) -> tuple[str, ...]:
+    if result.status != "ok":
+        return (result.scenario, result.case, result.status, "", "", "", "", result.note)
+    value = f"{_number(result.value)} {result.unit}".strip()
+    ratio = f"{result.ratio:.2f}" if result.ratio is not None else ""
+    target = "; ".join(f"{t.text}: {_verdict(t.check(result))}" for t in result.targets)
+    return (
+        result.scenario,
+        result.case,
+        value,
+        ratio,
+        _number(result.p50_ms),
+        _number(result.p99_ms),
+        target,
+        result.note,
+    )
+
+
+def markdown_table(results: list[Result]) -> str:
+    rows = [COLUMNS, *(_row(r) for r in results)]
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("---" for _ in COLUMNS) + "|")
+    return "\n".join(lines)
+
+
+def text_table(results: list[Result]) -> str:
+    rows = [COLUMNS, *(_row(r) for r in results)]
+    widths = [min(48, max(len(row[i]) for row in rows)) for i in range(len(COLUMNS))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

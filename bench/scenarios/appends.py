@@ -1,0 +1,97 @@
+"""Scenario 2: append throughput through the StreamManager API, in process.
+
+Every figure is committed events per second, as a ratio to the raw insert
+loop of the same run (db-ceiling). Sequential write() waits for each commit,
+so it can at best reach the single-row limit; the pipelined and concurrent
+cases can fill group commits and are held to half the batched limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from app.log import Event, StreamManager, StreamWriter, create_manager
+from bench.context import Context
+from bench.results import Result, Target
+from bench.scenarios.ceilings import RAW_BATCHED_KEY, RAW_SINGLE_KEY
+from bench.workload import event, until
+
+SCENARIO = "2 append (in process)"
+# Chunks in flight per pipelined producer: several group commits' worth (max_batch is
+# 1,000), so that the producer keeps submitting while the previous batch commits.
+PIPELINE_WINDOW = 10_000
+HALF_OF_BATCHED = Target("ratio", ">=", 0.5, ">= 0.50 of raw batched")
+
+
+async def _open(manager: StreamManager, prefix: str, n: int) -> list[StreamWriter]:
+    return [await manager.open(f"{prefix}-{i}", idle_timeout_seconds=None) for i in range(n)]
+
+
+async def _sequential(writer: StreamWriter, running: Callable[[], bool]) -> int:
+    written = 0
+    while running():
+        await writer.write(event(written))
+        written += 1
+    return written
+
+
+async def _pipelined(writer: StreamWriter, running: Callable[[], bool]) -> int:
+    """send() without waiting, up to PIPELINE_WINDOW chunks in flight."""
+    in_flight: deque[asyncio.Future[list[Event]]] = deque()
+    written = 0
+    while running():
+        in_flight.append(writer.send(event(written)))
+        written += 1
+        if len(in_flight) >= PIPELINE_WINDOW:
+            await in_flight.popleft()
+    await asyncio.gather(*in_flight)
+    return written
+
+
+Producer = Callable[[StreamWriter, Callable[[], bool]], Awaitable[int]]
+
+
+async def _measure(
+    manager: StreamManager, writers: list[StreamWriter], producer: Producer, seconds: float
+) -> float:
+    """Events per second committed by one producer per writer (writers may repeat)."""
+    await asyncio.gather(*(producer(w, until(0.2)) for w in set(writers)))  # warm-up
+    started = time.perf_counter()
+    running = until(seconds)
+    counts = await asyncio.gather(*(producer(w, running) for w in writers))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+async def run(ctx: Context) -> list[Result]:
+    seconds = ctx.size(3.0, 0.3)
+    results = []
+    async with create_manager(ctx.database_url) as manager:
+        one = await _open(manager, "one", 1)
+        hundred = await _open(manager, "hundred", 100)
+        batched = RAW_BATCHED_KEY
+        cases: list[tuple[str, str, list[StreamWriter], Producer, str]] = [
+            ("sequential write(), 1 stream", "sequential-1", one, _sequential, RAW_SINGLE_KEY),
+            ("pipelined send(), 1 stream", "pipelined-1", one, _pipelined, RAW_BATCHED_KEY),
+            ("16 writers, 1 stream", "writers16-1", one * 16, _sequential, RAW_BATCHED_KEY),
+            ("100 writers, 1 stream", "writers100-1", one * 100, _sequential, RAW_BATCHED_KEY),
+            ("100 writers, 100 streams", "writers100-100", hundred, _sequential, RAW_BATCHED_KEY),
+            ("pipelined send(), 100 streams", "pipelined-100", hundred, _pipelined, batched),
+        ]
+        for case, key, writers, producer, ratio_to in cases:
+            rate = await _measure(manager, writers, producer, seconds)
+            results.append(
+                Result(
+                    SCENARIO,
+                    case,
+                    f"append/{key}",
+                    value=rate,
+                    unit="events/s",
+                    ratio_to=ratio_to,
+                    targets=[HALF_OF_BATCHED] if ratio_to == RAW_BATCHED_KEY else [],
+                    note="ratio to raw 1-row commits" if ratio_to == RAW_SINGLE_KEY else "",
+                )
+            )
+    return results

@@ -1,0 +1,164 @@
+"""The ceilings every other figure is a ratio to, measured in the same run.
+
+* HTTP: wrk against a no-op Litestar endpoint served like streamkeep. This is
+  both the load generator's and the framework's ceiling: streamkeep's HTTP
+  scenarios cannot beat it.
+* Database: a plain insert loop into the same `events` table with the same
+  durability (SQLite WAL + synchronous=NORMAL through the stdlib driver;
+  Postgres with fsync on through asyncpg), one row per commit and 1,000 rows
+  per commit. No SQLAlchemy, no asyncio thread hop: the raw limit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from itertools import count
+
+import asyncpg
+
+from app.log.db import asyncpg_dsn, normalize_url
+from bench.context import Context
+from bench.loadgen import WRK_MISSING, HttpLoad, run_wrk, start_noop_server, wrk_available
+from bench.results import Result, skipped
+from bench.workload import SMALL_EVENT_BYTES, until
+
+HTTP_SCENARIO = "0 ceiling: HTTP"
+DB_SCENARIO = "0 ceiling: raw database"
+HTTP_CONNECTIONS = 16
+BATCH_ROWS = 1000
+RAW_STREAM = "raw-insert"
+
+HTTP_CEILING_KEY = "http-ceiling/noop"
+RAW_SINGLE_KEY = "db-ceiling/single"
+RAW_BATCHED_KEY = "db-ceiling/batched"
+
+
+async def http_ceiling(ctx: Context) -> list[Result]:
+    if not wrk_available():
+        return [skipped(HTTP_SCENARIO, "no-op endpoint", HTTP_CEILING_KEY, WRK_MISSING)]
+    server = await start_noop_server()
+    try:
+        load = HttpLoad(
+            base_url=server.base_url,
+            paths=[f"/noop/s{i}" for i in range(100)],
+            headers={"Content-Type": "application/json"},
+            body=SMALL_EVENT_BYTES,
+            connections=HTTP_CONNECTIONS,
+            seconds=ctx.size(5.0, 1.0),
+        )
+        measured = await run_wrk(load, server.pid)
+    finally:
+        await server.stop()
+    return [
+        Result(
+            HTTP_SCENARIO,
+            f"no-op POST, wrk {HTTP_CONNECTIONS} connections",
+            HTTP_CEILING_KEY,
+            value=measured.per_second,
+            unit="req/s",
+            p50_ms=measured.p50_ms,
+            p99_ms=measured.p99_ms,
+            note=f"server CPU {measured.server_cpu:.0%}, wrk CPU {measured.loadgen_cpu:.0%}",
+            extra=measured.extra(),
+        )
+    ]
+
+
+def _rows(stream_id: str, created_at: object) -> Iterator[tuple[object, ...]]:
+    for seq in count(1):
+        yield (stream_id, seq, "chunk", None, SMALL_EVENT_BYTES, created_at)
+
+
+async def db_ceiling(ctx: Context) -> list[Result]:
+    seconds = ctx.size(3.0, 0.2)
+    if ctx.db == "sqlite":
+        single, batched = _sqlite_raw(ctx.database_url, seconds)
+    else:
+        single, batched = await _postgres_raw(ctx.database_url, seconds)
+    durability = (
+        "WAL, synchronous=NORMAL" if ctx.db == "sqlite" else "fsync on, synchronous_commit on"
+    )
+    return [
+        Result(
+            DB_SCENARIO,
+            "insert loop, 1 row per commit",
+            RAW_SINGLE_KEY,
+            value=single,
+            unit="rows/s",
+            note=durability,
+        ),
+        Result(
+            DB_SCENARIO,
+            f"insert loop, {BATCH_ROWS} rows per commit",
+            RAW_BATCHED_KEY,
+            value=batched,
+            unit="rows/s",
+            note=durability,
+        ),
+    ]
+
+
+INSERT_SQLITE = (
+    "INSERT INTO events (stream_id, seq, kind, type, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+INSERT_POSTGRES = (
+    "INSERT INTO events (stream_id, seq, kind, type, payload, created_at) "
+    "VALUES ($1, $2, $3, $4, $5, $6)"
+)
+CREATE_STREAM = (
+    "INSERT INTO streams (id, content_type, status, created_at, updated_at, ttl_seconds, "
+    "last_write_at, last_seq) VALUES ({p}, 'application/json', 'open', {t}, {t}, 300, {t}, 0)"
+)
+
+
+def _sqlite_raw(url: str, seconds: float) -> tuple[float, float]:
+    path = normalize_url(url).database
+    assert path is not None
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+            conn.execute(f"PRAGMA {pragma}")
+        # The same text the service stores (SQLAlchemy's SQLite DateTime format).
+        now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+        rates = []
+        for per_commit in (1, BATCH_ROWS):
+            stream_id = f"{RAW_STREAM}-{per_commit}"
+            conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
+            rows = _rows(stream_id, now)
+            written, started, running = 0, time.perf_counter(), until(seconds)
+            while running():
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(INSERT_SQLITE, [next(rows) for _ in range(per_commit)])
+                conn.execute("COMMIT")
+                written += per_commit
+            rates.append(written / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        conn.close()
+
+
+async def _postgres_raw(url: str, seconds: float) -> tuple[float, float]:
+    conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
+    try:
+        now = datetime.now(UTC)
+        insert = await conn.prepare(INSERT_POSTGRES)
+        rates = []
+        for per_commit in (1, BATCH_ROWS):
+            stream_id = f"{RAW_STREAM}-{per_commit}"
+            await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
+            rows = _rows(stream_id, now)
+            written, started, running = 0, time.perf_counter(), until(seconds)
+            while running():
+                if per_commit == 1:
+                    await insert.fetch(*next(rows))  # autocommit: one transaction per row
+                else:
+                    async with conn.transaction():
+                        await insert.executemany([next(rows) for _ in range(per_commit)])
+                written += per_commit
+            rates.append(written / (time.perf_counter() - started))
+        return rates[0], rates[1]
+    finally:
+        await conn.close()

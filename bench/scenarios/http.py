@@ -1,0 +1,141 @@
+"""Scenario 1 (HTTP appends) and the Durable Streams peers of scenario 9.
+
+wrk keeps 16 connections busy appending small JSON events, to one stream and
+round-robin over 100 streams, against the real service (`streamkeep serve`,
+one uvicorn worker). Throughput is reported as a ratio to the no-op endpoint
+of the same run. Afterwards the streams are read back: every acknowledged
+append must be there (acknowledged only after commit).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from bench.context import Context
+from bench.endpoints import APPEND_ENDPOINTS, AppendEndpoint
+from bench.loadgen import (
+    WRK_MISSING,
+    HttpLoad,
+    LoadResult,
+    run_wrk,
+    start_streamkeep,
+    wrk_available,
+)
+from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
+from bench.results import Result, Target, pending, skipped
+from bench.scenarios.ceilings import HTTP_CEILING_KEY
+
+SCENARIO = "1 HTTP append"
+PEER_SCENARIO = "9 peer: Durable Streams ref."
+PRODUCERS = 16
+STREAM_COUNTS = (1, 100)
+
+
+async def measure_appends(
+    endpoint: AppendEndpoint, base_url: str, server_pid: int, streams: int, seconds: float
+) -> tuple[LoadResult, int | None] | None:
+    """wrk appending over `streams` new streams; None if the server lacks the endpoint."""
+    names = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(streams)]
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        for name in names:
+            if not await endpoint.create(client, name):
+                return None
+        load = HttpLoad(
+            base_url=base_url,
+            paths=[endpoint.path(n) for n in names],
+            method=endpoint.append_method,
+            headers=endpoint.append_headers,
+            body=endpoint.body,
+            connections=PRODUCERS,
+            seconds=seconds,
+        )
+        measured = await run_wrk(load, server_pid)
+        counts = [await endpoint.count(client, n) for n in names]
+    committed = None if None in counts else sum(c or 0 for c in counts)
+    return measured, committed
+
+
+def append_result(
+    scenario: str,
+    case: str,
+    key: str,
+    measured: LoadResult,
+    committed: int | None,
+    targets: list[Target],
+) -> Result:
+    acknowledged = measured.requests - measured.non_2xx
+    lost = committed is not None and committed < acknowledged
+    checked = "unchecked" if committed is None else f"{committed:,} committed"
+    return Result(
+        scenario,
+        case,
+        key,
+        value=measured.per_second,
+        unit="appends/s",
+        p50_ms=measured.p50_ms,
+        p99_ms=measured.p99_ms,
+        ratio_to=HTTP_CEILING_KEY,
+        targets=targets,
+        status="failed" if lost or measured.socket_errors else "ok",
+        note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
+        f"server CPU {measured.server_cpu or 0:.0%}",
+        extra={**measured.extra(), "committed": committed},
+    )
+
+
+async def run(ctx: Context) -> list[Result]:
+    if not wrk_available():
+        return [skipped(SCENARIO, "HTTP appends", "http-append/skipped", WRK_MISSING)]
+    seconds = ctx.size(5.0, 1.0)
+    ratio = 0.8 if ctx.db == "sqlite" else 0.6
+    targets = [Target("ratio", ">=", ratio, f">= {ratio:.2f} of no-op")]
+    results = []
+    server = await start_streamkeep(ctx.database_url)
+    try:
+        for endpoint in APPEND_ENDPOINTS:
+            for streams in STREAM_COUNTS:
+                case = f"{endpoint.name}, {PRODUCERS} producers, {streams} stream(s)"
+                key = f"http-append/{endpoint.name.lower().replace(' ', '-')}-{streams}"
+                measured = await measure_appends(
+                    endpoint, server.base_url, server.pid, streams, seconds
+                )
+                if measured is None:
+                    results.append(
+                        pending(SCENARIO, case, key, "pending endpoint: not on this branch yet")
+                    )
+                    continue
+                results.append(append_result(SCENARIO, case, key, *measured, targets))
+    finally:
+        await server.stop()
+    return results
+
+
+async def peers(ctx: Context) -> list[Result]:
+    """The Durable Streams reference server through the same append load."""
+    why_not = missing_node_harness(
+        DURABLE_STREAMS_DIR, "start-reference-server.mjs", "npm install --no-audit --no-fund"
+    )
+    if why_not is None and not wrk_available():
+        why_not = WRK_MISSING
+    if why_not is not None:
+        return [skipped(PEER_SCENARIO, "HTTP appends", "peer-durable-streams/skipped", why_not)]
+    seconds = ctx.size(5.0, 1.0)
+    results = []
+    for file_backed in (False, True):
+        mode = "file (fdatasync)" if file_backed else "memory"
+        server = await start_durable_streams_reference(file_backed)
+        try:
+            for streams in STREAM_COUNTS:
+                measured = await measure_appends(
+                    APPEND_ENDPOINTS[0], server.url, server.pid, streams, seconds
+                )
+                if measured is None:
+                    raise RuntimeError("the reference server has no Durable Streams routes?")
+                case = f"{mode}, {PRODUCERS} producers, {streams} stream(s)"
+                key = f"peer-durable-streams/{'file' if file_backed else 'memory'}-{streams}"
+                results.append(append_result(PEER_SCENARIO, case, key, *measured, []))
+        finally:
+            await server.stop()
+    return results

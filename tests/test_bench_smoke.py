@@ -1,0 +1,82 @@
+"""The benchmark harness in smoke mode: every scenario runs and reports well-formed results.
+
+Never asserts a timing: benchmarks are not tests (issue 8). Each database
+gets one run of `python -m bench --smoke`, which starts what it needs itself
+(a durable throwaway Postgres included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = pytest.mark.slow
+
+STATUSES = {"ok", "pending", "skipped"}
+
+
+def run_smoke(db: str, out: Path) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--db", db, "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "scenario" in completed.stdout  # the table's header
+    document: dict[str, Any] = json.loads(out.read_text())
+    return document
+
+
+def check_result(result: dict[str, Any]) -> None:
+    assert result["status"] in STATUSES, result
+    assert result["scenario"] and result["case"] and result["key"]
+    if result["status"] != "ok":
+        assert result["note"], result  # pending and skipped say why
+        return
+    figures = [result["value"], result["p50_ms"], result["p99_ms"]]
+    measured = [f for f in figures if f is not None]
+    assert measured, result
+    assert all(isinstance(f, int | float) and math.isfinite(f) and f >= 0 for f in measured)
+    for target in result["targets"]:
+        assert target["metric"] in ("value", "ratio", "p50_ms", "p99_ms")
+        assert target["op"] in (">=", "<=")
+    if result["ratio_to"] is not None and result["value"] is not None:
+        assert result["ratio"] is not None, result
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None:
+    document = run_smoke(db, tmp_path / "bench.json")
+    assert document["db"] == db
+    assert document["smoke"] is True
+    assert document["machine"]["cores"] >= 1
+    assert document["machine"]["python"]
+    results = document["results"]
+    keys = [r["key"] for r in results]
+    assert len(keys) == len(set(keys)), "result keys must be unique"
+    for result in results:
+        check_result(result)
+    measured = {r["key"] for r in results if r["status"] == "ok"}
+    # What the log supports today must actually run (HTTP and Node parts may be pending).
+    for key in (
+        "db-ceiling/batched",
+        "append/pipelined-1",
+        "catchup/subscribe",
+        "latency/in-process",
+        "latency/cross-process",
+        "fanout/500-cross-process",
+        "sweep/during",
+        "memory/after-sweep",
+        "memory/idle-subscribers",
+    ):
+        assert key in measured, key
