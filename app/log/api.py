@@ -8,11 +8,12 @@ bytes for binary Durable Streams. Nothing here knows about HTTP.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+import msgspec
 
 from app.errors import StreamError
 
@@ -45,13 +46,18 @@ STATUS_AFTER: dict[EventKind, StreamStatus] = {
 JSON_CONTENT_TYPE = "application/json"
 
 
-# One encoder for every payload: json.dumps would build a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
 def encode_json(value: Any) -> bytes:
-    """Compact JSON, the one encoding of JSON payloads in the log."""
-    return _ENCODER.encode(value).encode()
+    """Compact UTF-8 JSON, the one encoding of JSON payloads in the log.
+
+    msgspec (already a dependency of Litestar) is about 20 times faster than
+    json.dumps here, which mattered: encoding was a quarter of a flow's cost.
+    Unsupported types raise TypeError, as with json.
+    """
+    return _encode(value)
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 
 # Events are created once per appended event: plain slotted dataclasses, not
@@ -98,7 +104,7 @@ class Event:
 
     def json(self) -> Any:
         """The payload decoded as JSON (chunks, done outputs, errors)."""
-        return json.loads(self.payload) if self.payload else None
+        return _decode(self.payload) if self.payload else None
 
     def as_error(self) -> StreamError:
         return StreamError.from_dict(self.json())

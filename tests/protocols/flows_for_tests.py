@@ -35,7 +35,7 @@ async def leaky(data: Any, send_chunk: SendChunk) -> Any:
 
 @flow
 async def unserialisable_output(data: Any, send_chunk: SendChunk) -> Any:
-    return {1, 2, 3}
+    return object()
 
 
 @flow
