@@ -25,14 +25,14 @@ from typing import Annotated, Any
 
 from litestar import Request, Response, Router, get, post, put
 from litestar.params import FromPath, FromQuery, HeaderParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEventMessage
 
 from app.config import Settings
 from app.errors import Status, StreamError, http_status
 from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import encode_json
 from app.protocols import manager_of
-from app.protocols.sse import keepalive, with_keepalives
+from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
 log = logging.getLogger("streamkeep.events")
 
@@ -198,24 +198,25 @@ def end_body(event: Event) -> dict[str, Any]:
     return {"status": "closed"}
 
 
-def event_message(event: Event, encoding: DataEncoding) -> ServerSentEventMessage:
+def event_frame(event: Event, encoding: DataEncoding) -> bytes:
     if event.is_terminal:
-        return ServerSentEventMessage(
-            id=event.seq, event=END_EVENT, data=encode_json(end_body(event)).decode()
-        )
-    return ServerSentEventMessage(id=event.seq, event=event.type, data=encoding.data(event.payload))
+        end = encode_json(end_body(event)).decode()
+        return ServerSentEventMessage(id=event.seq, event=END_EVENT, data=end).encode()
+    data = encoding.data(event.payload)
+    return ServerSentEventMessage(id=event.seq, event=event.type, data=data).encode()
 
 
-async def sse_frames(
+async def sse_body(
     stream_id: str,
-    events: AsyncIterator[Event],
+    batches: AsyncIterator[list[Event]],
     encoding: DataEncoding,
     settings: Settings,
-) -> AsyncIterator[ServerSentEventMessage]:
-    yield ServerSentEventMessage(retry=settings.sse_retry_ms, data=None)
+) -> AsyncIterator[bytes]:
+    """The retry hint, then each batch the log has ready as one write, with keepalives."""
+    yield ServerSentEventMessage(retry=settings.sse_retry_ms, data=None).encode()
     try:
-        async for event in with_keepalives(events, settings.sse_keepalive_seconds):
-            yield keepalive() if event is None else event_message(event, encoding)
+        async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
+            yield KEEPALIVE if batch is None else b"".join(event_frame(e, encoding) for e in batch)
     except StreamError as exc:
         if exc.status is not Status.NOT_FOUND:
             # A passing failure (the database restarting): end the body, and the
@@ -223,8 +224,8 @@ async def sse_frames(
             log.warning("SSE reader of %r stopped: %s", stream_id, exc)
             return
         # Deleted or expired while being read: say so, the client must not retry.
-        gone = {"status": "error", "error": exc.to_dict()}
-        yield ServerSentEventMessage(event=END_EVENT, data=encode_json(gone).decode())
+        gone = encode_json({"status": "error", "error": exc.to_dict()}).decode()
+        yield ServerSentEventMessage(event=END_EVENT, data=gone).encode()
 
 
 # -- recent streams ----------------------------------------------------------------------
@@ -376,12 +377,11 @@ async def read_events(
     if not info.is_open and cursor >= info.last_seq:
         # Everything including the end was delivered: 204 tells EventSource to stop.
         return Response(None, status_code=204)
-    events = await manager.subscribe(stream_id, after=cursor)
+    batches = await manager.subscribe_batches(stream_id, after=cursor)
     recent_of(request).seen(stream_id)
     encoding = DataEncoding.of(info.content_type)
     headers = {"Stream-SSE-Data-Encoding": "base64"} if encoding is DataEncoding.BASE64 else {}
-    frames = sse_frames(stream_id, events, encoding, settings_of(request))
-    return ServerSentEvent(frames, headers=headers)
+    return sse_response(sse_body(stream_id, batches, encoding, settings_of(request)), headers)
 
 
 router = Router(

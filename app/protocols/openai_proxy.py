@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from litestar import Litestar, Request, Response, Router, get, post
 from litestar.params import FromPath, FromQuery
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEventMessage, Stream
 
 from app import __version__
 from app.config import Settings
@@ -39,7 +39,7 @@ from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
 from app.protocols import manager_of
 from app.protocols.events import RecentStreams, recent_of, settings_of
 from app.protocols.runs import runs_of
-from app.protocols.sse import keepalive, with_keepalives
+from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
 log = logging.getLogger("streamkeep.proxy")
 
@@ -155,6 +155,8 @@ class ProxyRun:
         self.request = request
         self.recent = recent
         self.ready: asyncio.Future[str | UpstreamReply] = asyncio.get_running_loop().create_future()
+        # The request may have stopped waiting (it timed out): its failure is then nobody's.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.stream_id: str | None = None
         self.snapshot: dict[str, Any] = {}
         self.last_sequence_number = -1
@@ -368,20 +370,25 @@ def sequence_number(event: Event) -> int:
     return event.seq - 1
 
 
-async def openai_frames(
-    events: AsyncIterator[Event], api: Api, starting_after: int | None, settings: Settings
-) -> AsyncIterator[ServerSentEventMessage]:
-    """The recorded events as the upstream sent them: event name and data, nothing else."""
-    async for event in with_keepalives(events, settings.sse_keepalive_seconds):
-        if event is None:
-            yield keepalive()
-        elif event.kind is EventKind.CHUNK:
-            if starting_after is None or sequence_number(event) > starting_after:
-                yield ServerSentEventMessage(
-                    data=event.payload.decode(), event=event.type, sep="\n"
-                )
-        elif event.kind is EventKind.DONE and api is Api.CHAT:
-            yield ServerSentEventMessage(data=CHAT_DONE, sep="\n")
+def openai_frame(event: Event, api: Api, starting_after: int | None) -> bytes:
+    """A recorded event as the upstream sent it: event name and data, nothing else."""
+    if event.kind is EventKind.CHUNK:
+        if starting_after is None or sequence_number(event) > starting_after:
+            data = event.payload.decode()
+            return ServerSentEventMessage(data=data, event=event.type, sep="\n").encode()
+    elif event.kind is EventKind.DONE and api is Api.CHAT:
+        return ServerSentEventMessage(data=CHAT_DONE, sep="\n").encode()
+    return b""
+
+
+async def openai_body(
+    batches: AsyncIterator[list[Event]], api: Api, starting_after: int | None, settings: Settings
+) -> AsyncIterator[bytes]:
+    async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
+        if batch is None:
+            yield KEEPALIVE
+        elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
+            yield body
 
 
 async def replay(
@@ -389,9 +396,9 @@ async def replay(
     stream_id: str,
     api: Api,
     starting_after: int | None = None,
-) -> ServerSentEvent:
-    events = await manager_of(request).subscribe(stream_id)
-    return ServerSentEvent(openai_frames(events, api, starting_after, settings_of(request)))
+) -> Stream:
+    batches = await manager_of(request).subscribe_batches(stream_id)
+    return sse_response(openai_body(batches, api, starting_after, settings_of(request)))
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -447,10 +454,10 @@ async def proxy(request: Request, api: Api) -> Response[Any]:  # type: ignore[ty
     task = runs.start(key, run.run())
     try:
         # The client's answer waits for the first event (or the upstream's refusal);
-        # the run itself goes on without the request.
-        started = await asyncio.wait_for(
-            asyncio.shield(run.ready), settings.upstream_timeout_seconds
-        )
+        # the run itself goes on without the request. The run's own timeouts bound
+        # this wait; this bound is for an upstream that trickles bytes but no event.
+        first_event_limit = CONNECT_TIMEOUT_SECONDS + settings.upstream_timeout_seconds
+        started = await asyncio.wait_for(asyncio.shield(run.ready), first_event_limit)
     except TimeoutError:
         task.cancel()
         raise upstream_failure(

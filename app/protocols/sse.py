@@ -1,39 +1,41 @@
-"""Helpers shared by the SSE protocols: keepalives on a subscription, comment frames."""
+"""Helpers shared by the SSE protocols: keepalives on a subscription, the response itself."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Final, TypeVar, cast
 
-from litestar.response import ServerSentEventMessage
+from litestar.response import ServerSentEventMessage, Stream
 
-from app.log import Event
+T = TypeVar("T")
 
 _END: Final = object()
 
+# What Litestar's ServerSentEvent sends, for a body of ready-made bytes.
+SSE_HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+KEEPALIVE = ServerSentEventMessage(comment="keepalive", data=None).encode()
 
-async def _next(events: AsyncIterator[Event]) -> Event | object:
+
+async def _next(items: AsyncIterator[T]) -> T | object:
     try:
-        return await anext(events)
+        return await anext(items)
     except StopAsyncIteration:
         return _END
 
 
-async def with_keepalives(
-    events: AsyncIterator[Event], every: float
-) -> AsyncIterator[Event | None]:
-    """The subscription's events, and None whenever `every` seconds pass without one.
+async def with_keepalives(items: AsyncIterator[T], every: float) -> AsyncIterator[T | None]:
+    """The subscription's items, and None whenever `every` seconds pass without one.
 
     The pending read is never cancelled by a keepalive tick (that would close the
     subscription); it is cancelled only when the caller stops, and the
     subscription is then closed at once so its reader is unregistered.
     """
-    pending: asyncio.Task[Event | object] | None = None
+    pending: asyncio.Task[T | object] | None = None
     try:
         while True:
             if pending is None:
-                pending = asyncio.create_task(_next(events))
+                pending = asyncio.create_task(_next(items))
             done, _ = await asyncio.wait({pending}, timeout=every)
             if not done:
                 yield None
@@ -42,19 +44,22 @@ async def with_keepalives(
             pending = None
             if item is _END:
                 return
-            assert isinstance(item, Event)
-            yield item
+            yield cast(T, item)
     finally:
         if pending is not None:
             pending.cancel()
             await asyncio.wait({pending})
             if not pending.cancelled():
                 pending.exception()  # retrieved: it ended on its own, nobody wants it now
-        aclose = getattr(events, "aclose", None)
+        aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()
 
 
-def keepalive() -> ServerSentEventMessage:
-    """A comment-only frame: keeps proxies from cutting an idle stream, dispatches nothing."""
-    return ServerSentEventMessage(comment="keepalive", data=None)
+def sse_response(body: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> Stream:
+    """An SSE response whose body is written as it comes: one write per item.
+
+    (Litestar's ServerSentEvent makes one write per message; a batch of events
+    that is ready at once goes out here as one.)
+    """
+    return Stream(body, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})

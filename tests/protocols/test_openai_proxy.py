@@ -7,9 +7,10 @@ on loopback; the SDK is the client. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -52,6 +53,11 @@ def sdk(proxy: LiveServer) -> Iterator[openai.OpenAI]:
 def http(proxy: LiveServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=proxy.url, timeout=30) as client:
         yield client
+
+
+def take(count: int, events: Iterable[Any]) -> list[Any]:
+    """The next `count` events of an SDK stream (typed loosely: tests read their fields)."""
+    return list(itertools.islice(events, count))
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -98,7 +104,7 @@ def test_responses_stream_passes_every_upstream_event_through_unchanged(
 def test_responses_run_is_recorded_as_a_typed_stream_and_retrievable(
     sdk: openai.OpenAI, http: httpx.Client
 ) -> None:
-    events = list(sdk.responses.create(model="ok", input="weather?", stream=True))
+    events: list[Any] = list(sdk.responses.create(model="ok", input="weather?", stream=True))
     response_id = events[0].response.id
     assert as_sent(events) == expected_run(response_id)
     kinds = [e.type for e in events]
@@ -121,7 +127,7 @@ def test_responses_cut_connection_then_resume_with_starting_after_while_running(
     """The client drops mid-stream; the upstream is held at a gate, so the response is
     still running when the client resumes with starting_after."""
     stream = sdk.responses.create(model="gated", input="weather?", stream=True)
-    first = [event for _, event in zip(range(5), stream, strict=False)]
+    first = take(5, stream)
     stream.close()  # the cut connection
     response_id = first[0].response.id
     assert stream_status(http, response_id) == "open"
@@ -129,7 +135,7 @@ def test_responses_cut_connection_then_resume_with_starting_after_while_running(
     resumed = sdk.responses.retrieve(
         response_id, stream=True, starting_after=first[-1].sequence_number
     )
-    rest = [event for _, event in zip(range(GATE_AT - 5), resumed, strict=False)]
+    rest = take(GATE_AT - 5, resumed)
     assert stream_status(http, response_id) == "open"
     upstream.release()
     rest += list(resumed)
@@ -141,7 +147,7 @@ def test_upstream_is_read_to_the_end_after_the_client_left_then_resume_yields_th
     sdk: openai.OpenAI, http: httpx.Client, upstream: FakeUpstream
 ) -> None:
     stream = sdk.responses.create(model="gated", input="weather?", stream=True)
-    first = [event for _, event in zip(range(3), stream, strict=False)]
+    first = take(3, stream)
     stream.close()
     response_id = first[0].response.id
     upstream.release()
@@ -157,7 +163,7 @@ def test_upstream_is_read_to_the_end_after_the_client_left_then_resume_yields_th
 def test_upstream_failing_midway_ends_the_stream_with_response_failed(
     sdk: openai.OpenAI, http: httpx.Client
 ) -> None:
-    events = list(sdk.responses.create(model="fails", input="weather?", stream=True))
+    events: list[Any] = list(sdk.responses.create(model="fails", input="weather?", stream=True))
     assert [e.sequence_number for e in events] == list(range(GATE_AT + 1))
     failed = events[-1]
     assert failed.type == "response.failed"
@@ -175,7 +181,7 @@ def test_upstream_failing_midway_ends_the_stream_with_response_failed(
 
 
 def test_upstream_error_event_ends_the_stream(sdk: openai.OpenAI, http: httpx.Client) -> None:
-    events = list(sdk.responses.create(model="error", input="weather?", stream=True))
+    events: list[Any] = list(sdk.responses.create(model="error", input="weather?", stream=True))
     assert events[-1].type == "error"
     end = read_until_end(http, f"/v1/streams/{events[0].response.id}/events")[-1].json()
     assert end["status"] == "error"
@@ -185,9 +191,11 @@ def test_upstream_error_event_ends_the_stream(sdk: openai.OpenAI, http: httpx.Cl
 def test_silent_upstream_times_out_into_response_failed(
     live_server: ServerFactory, upstream: FakeUpstream
 ) -> None:
-    server = live_server(upstream_url=upstream.url, upstream_timeout_seconds=0.5)
+    server = live_server(upstream_url=upstream.url, upstream_timeout_seconds=2)
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0) as sdk:
-        events = list(sdk.responses.create(model="silent", input="weather?", stream=True))
+        events: list[Any] = list(
+            sdk.responses.create(model="silent", input="weather?", stream=True)
+        )
     assert events[-1].type == "response.failed"
     assert "silent" in events[-1].response.error.message
     wait_until(upstream.calls[0].client_left.is_set, "streamkeep hung up on the upstream")
@@ -197,7 +205,7 @@ def test_cancel_stops_the_upstream_call_and_ends_the_stream(
     sdk: openai.OpenAI, http: httpx.Client, upstream: FakeUpstream
 ) -> None:
     stream = sdk.responses.create(model="gated", input="weather?", stream=True)
-    before = [event for _, event in zip(range(GATE_AT), stream, strict=False)]
+    before = take(GATE_AT, stream)
     response_id = before[0].response.id
     cancelled = sdk.responses.cancel(response_id)
     assert cancelled.status == "cancelled"
@@ -274,7 +282,7 @@ def test_chat_completion_cut_then_resume_through_native_sse(
     stream = sdk.chat.completions.create(
         model="gated", messages=[{"role": "user", "content": "weather?"}], stream=True
     )
-    first = [chunk for _, chunk in zip(range(4), stream, strict=False)]
+    first = take(4, stream)
     stream.close()
     completion_id = first[0].id
 
@@ -359,8 +367,8 @@ def test_proxy_stream_keeps_idle_clients_alive_with_comments(
         body = {"model": "gated", "input": "x", "stream": True}
         with http.stream("POST", "/v1/responses", json=body) as response:
             received = frames(response)
-            for _ in range(GATE_AT):
-                assert next(received).is_message
+            assert len(take(GATE_AT, (f for f in received if f.is_message))) == GATE_AT
+            # The upstream is held at its gate: the stream is idle now.
             assert next(received) == Frame(comments=["keepalive"])
             upstream.release()
             assert sum(1 for f in received if f.is_message) == RUN_LENGTH - GATE_AT
