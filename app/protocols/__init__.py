@@ -27,13 +27,14 @@ def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]
 def protocol_routers() -> list[Router]:
     # Imported here: the protocol modules import manager_of from this package.
     from app.flows import registry
-    from app.protocols import events, openai_proxy
+    from app.protocols import events, openai_proxy, page
     from app.protocols.genkit import flow_router
 
     return [
         flow_router(registry, lambda request: request.app.state.runner),
         events.router,
         openai_proxy.router,
+        page.router,
     ]
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -94,6 +95,15 @@ def cursor_from(raw: str | None, name: str) -> int | None:
     if value < 0:
         raise invalid(f"{name} must be a non-negative integer, not {raw!r}")
     return value
+
+
+def flag_from(raw: str | None, name: str) -> bool:
+    """A true/false query parameter (absent: false)."""
+    if raw is None or raw.lower() in ("false", "0", ""):
+        return False
+    if raw.lower() in ("true", "1"):
+        return True
+    raise invalid(f"{name} must be true or false, not {raw!r}")
 
 
 def whole_seconds(body: dict[str, Any], key: str, *, nullable: bool, minimum: int) -> Any:
@@ -198,25 +208,38 @@ def end_body(event: Event) -> dict[str, Any]:
     return {"status": "closed"}
 
 
-def event_frame(event: Event, encoding: DataEncoding) -> bytes:
-    if event.is_terminal:
-        end = encode_json(end_body(event)).decode()
-        return ServerSentEventMessage(id=event.seq, event=END_EVENT, data=end).encode()
-    data = encoding.data(event.payload)
-    return ServerSentEventMessage(id=event.seq, event=event.type, data=data).encode()
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How one reader gets events: the stream's data encoding, and whether each
+    event is an unnamed message {"type", "data"} (for generic viewers: EventSource
+    only dispatches the event names a page listens for, and it cannot know them)."""
+
+    encoding: DataEncoding
+    envelope: bool = False
+
+    def frame(self, event: Event) -> bytes:
+        if event.is_terminal:
+            end = encode_json(end_body(event)).decode()
+            return ServerSentEventMessage(id=event.seq, event=END_EVENT, data=end).encode()
+        data = self.encoding.data(event.payload)
+        if not self.envelope:
+            return ServerSentEventMessage(id=event.seq, event=event.type, data=data).encode()
+        inner = (data or "null") if self.encoding is DataEncoding.JSON else json.dumps(data)
+        wrapped = f'{{"type":{json.dumps(event.type)},"data":{inner}}}'
+        return ServerSentEventMessage(id=event.seq, data=wrapped).encode()
 
 
 async def sse_body(
     stream_id: str,
     batches: AsyncIterator[list[Event]],
-    encoding: DataEncoding,
+    framing: Framing,
     settings: Settings,
 ) -> AsyncIterator[bytes]:
     """The retry hint, then each batch the log has ready as one write, with keepalives."""
     yield ServerSentEventMessage(retry=settings.sse_retry_ms, data=None).encode()
     try:
         async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
-            yield KEEPALIVE if batch is None else b"".join(event_frame(e, encoding) for e in batch)
+            yield KEEPALIVE if batch is None else b"".join(framing.frame(e) for e in batch)
     except StreamError as exc:
         if exc.status is not Status.NOT_FOUND:
             # A passing failure (the database restarting): end the body, and the
@@ -357,13 +380,16 @@ async def read_events(
     request: Request,  # type: ignore[type-arg]
     stream_id: FromPath[str],
     after: FromQuery[str | None] = None,
+    envelope: FromQuery[str | None] = None,
     last_event_id: LastEventId = None,
 ) -> Response[Any]:
     """Every event after the cursor, then live ones, then the `end` frame.
 
     The cursor is Last-Event-ID when present (EventSource sends it when it
     reconnects, repeating the original URL with its stale ?after=), else ?after=.
+    With ?envelope=true every event is an unnamed message {"type", "data"}.
     """
+    wrapped = flag_from(envelope, "envelope")
     cursor = cursor_from(last_event_id, "Last-Event-ID")
     if cursor is None:
         cursor = cursor_from(after, "after") or 0
@@ -379,9 +405,10 @@ async def read_events(
         return Response(None, status_code=204)
     batches = await manager.subscribe_batches(stream_id, after=cursor)
     recent_of(request).seen(stream_id)
-    encoding = DataEncoding.of(info.content_type)
-    headers = {"Stream-SSE-Data-Encoding": "base64"} if encoding is DataEncoding.BASE64 else {}
-    return sse_response(sse_body(stream_id, batches, encoding, settings_of(request)), headers)
+    framing = Framing(DataEncoding.of(info.content_type), wrapped)
+    base64_data = framing.encoding is DataEncoding.BASE64
+    headers = {"Stream-SSE-Data-Encoding": "base64"} if base64_data else {}
+    return sse_response(sse_body(stream_id, batches, framing, settings_of(request)), headers)
 
 
 router = Router(

@@ -37,7 +37,13 @@ from app.config import Settings
 from app.errors import Status, StreamError, http_status
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
 from app.protocols import manager_of
-from app.protocols.events import RecentStreams, recent_of, settings_of
+from app.protocols.events import (
+    RecentStreams,
+    cursor_from,
+    flag_from,
+    recent_of,
+    settings_of,
+)
 from app.protocols.runs import runs_of
 from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
@@ -490,25 +496,6 @@ async def create_chat_completion(request: Request) -> Response[Any]:  # type: ig
     return await proxy(request, Api.CHAT)
 
 
-def query_flag(raw: str | None) -> bool:
-    if raw is None or raw.lower() in ("false", "0", ""):
-        return False
-    if raw.lower() in ("true", "1"):
-        return True
-    raise StreamError(Status.INVALID_ARGUMENT, f"stream must be true or false, not {raw!r}")
-
-
-def query_sequence_number(raw: str | None) -> int | None:
-    if raw is None or raw == "":
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise StreamError(
-            Status.INVALID_ARGUMENT, f"starting_after must be an integer, not {raw!r}"
-        ) from None
-
-
 @get("/responses/{response_id:str}")
 async def retrieve_response(
     request: Request,  # type: ignore[type-arg]
@@ -517,8 +504,8 @@ async def retrieve_response(
     starting_after: FromQuery[str | None] = None,
 ) -> Response[Any]:
     """The response object, or with ?stream=true its events after `starting_after`."""
-    after = query_sequence_number(starting_after)
-    if query_flag(stream):
+    after = cursor_from(starting_after, "starting_after")
+    if flag_from(stream, "stream"):
         return await replay(request, response_id, Api.RESPONSES, after)
     return Response(await response_object(manager_of(request), response_id))
 

@@ -363,3 +363,19 @@ def _until_end(received: Iterator[Frame]) -> Iterator[Frame]:
         yield frame
         if frame.event == "end":
             return
+
+
+def test_envelope_makes_every_event_an_unnamed_message_with_its_type(
+    client: httpx.Client,
+) -> None:
+    """For generic viewers: EventSource dispatches only the event names it listens for."""
+    create(client, "s")
+    append(client, "s", [{"type": "text", "data": "hi"}, {"data": [1, 2]}])
+    client.post("/v1/streams/s/close")
+    received = read_until_end(client, "/v1/streams/s/events", params={"envelope": "true"})
+    assert summary(received) == [
+        (1, None, {"type": "text", "data": "hi"}),
+        (2, None, {"type": None, "data": [1, 2]}),
+        (3, "end", {"status": "closed"}),
+    ]
+    assert client.get("/v1/streams/s/events", params={"envelope": "maybe"}).status_code == 400
