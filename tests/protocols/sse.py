@@ -62,13 +62,16 @@ def messages(response: httpx.Response) -> Iterator[Frame]:
     return (f for f in frames(response) if f.is_message)
 
 
+def until_end(received: Iterator[Frame]) -> Iterator[Frame]:
+    """Frames up to and including the `end` frame."""
+    for frame in received:
+        yield frame
+        if frame.event == "end":
+            return
+
+
 def read_until_end(client: httpx.Client, url: str, **kwargs: Any) -> list[Frame]:
     """Every message of one SSE response, through the `end` frame."""
-    out: list[Frame] = []
     with client.stream("GET", url, **kwargs) as response:
         assert response.status_code == 200, response.read()
-        for message in messages(response):
-            out.append(message)
-            if message.event == "end":
-                break
-    return out
+        return list(until_end(messages(response)))

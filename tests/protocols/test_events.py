@@ -19,7 +19,7 @@ import pytest
 
 from app.log import EventKind, NewEvent, create_manager
 from tests.conftest import ServerFactory
-from tests.protocols.sse import Frame, frames, messages, read_until_end
+from tests.protocols.sse import Frame, frames, messages, read_until_end, until_end
 from tests.support import ROOT
 
 SHARED_BACKENDS = pytest.mark.parametrize(
@@ -339,7 +339,7 @@ def test_resume_from_another_process_with_last_event_id_then_after(
                 second = [next(received) for _ in range(15)]
                 assert client.get("/v1/streams/run").json()["status"] == "open"
                 open_gate(producer)
-                second += list(_until_end(received))
+                second += list(until_end(received))
             assert producer.wait(60) == 0
         finally:
             producer.kill()
@@ -356,13 +356,6 @@ def open_gate(producer: subprocess.Popen[bytes]) -> None:
     assert producer.stdin is not None
     producer.stdin.write(b"go\n")
     producer.stdin.close()
-
-
-def _until_end(received: Iterator[Frame]) -> Iterator[Frame]:
-    for frame in received:
-        yield frame
-        if frame.event == "end":
-            return
 
 
 def test_envelope_makes_every_event_an_unnamed_message_with_its_type(

@@ -21,7 +21,7 @@ from app.log import StreamStatus, create_manager
 from tests.conftest import ServerFactory
 from tests.live import LiveServer
 from tests.protocols.fake_upstream import ANSWER, GATE_AT, FakeUpstream, chat_run, responses_run
-from tests.protocols.sse import Frame, frames, messages, read_until_end
+from tests.protocols.sse import Frame, frames, messages, read_until_end, until_end
 
 UPSTREAM_KEY = "sk-upstream-secret"
 RUN_LENGTH = len(responses_run("x"))
@@ -292,7 +292,7 @@ def test_chat_completion_cut_then_resume_through_native_sse(
         received = messages(response)
         rest = [next(received) for _ in range(GATE_AT - len(first))]
         upstream.release()
-        rest += list(_until_end(received))
+        rest += list(until_end(received))
 
     assert [f.seq for f in rest] == list(range(5, len(chat_run("x")) + 2))
     chunks = [c.to_dict() for c in first] + [f.json() for f in rest[:-1]]
@@ -350,13 +350,6 @@ def test_shutdown_ends_running_proxied_streams_with_an_error(
 async def _info(database_url: str, stream_id: str) -> Any:
     async with create_manager(database_url) as manager:
         return await manager.info(stream_id)
-
-
-def _until_end(received: Iterator[Frame]) -> Iterator[Frame]:
-    for frame in received:
-        yield frame
-        if frame.event == "end":
-            return
 
 
 def test_proxy_stream_keeps_idle_clients_alive_with_comments(
