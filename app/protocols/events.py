@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,7 +30,7 @@ from litestar.response import ServerSentEventMessage
 from app.config import Settings
 from app.errors import Status, StreamError, http_status
 from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
-from app.log.api import encode_json
+from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
 from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
@@ -42,7 +41,9 @@ END_EVENT = "end"
 RESERVED_TYPES = frozenset({END_EVENT})
 MAX_TYPE_LENGTH = 256
 MAX_BATCH = 1000
-MAX_LISTED = 200
+MAX_LISTED = 500
+# Who appends, for the metrics (appends by origin).
+ORIGIN = "events"
 
 
 # -- errors and input ----------------------------------------------------------------
@@ -242,47 +243,17 @@ async def sse_body(
             yield KEEPALIVE if batch is None else b"".join(framing.frame(e) for e in batch)
     except StreamError as exc:
         if exc.status is not Status.NOT_FOUND:
-            # A passing failure (the database restarting): end the body, and the
-            # client reconnects with Last-Event-ID after `retry` ms.
-            log.warning("SSE reader of %r stopped: %s", stream_id, exc)
+            # A passing failure (the database restarting, this replica shutting
+            # down): end the body, and the client reconnects with Last-Event-ID
+            # after `retry` ms, here or on another replica.
+            log.info("SSE reader of %r stopped: %s", stream_id, exc)
             return
         # Deleted or expired while being read: say so, the client must not retry.
         gone = encode_json({"status": "error", "error": exc.to_dict()}).decode()
         yield ServerSentEventMessage(event=END_EVENT, data=gone).encode()
 
 
-# -- recent streams ----------------------------------------------------------------------
-
-
-class RecentStreams:
-    """Ids of streams this process created or served, newest first, for the page.
-
-    The log has no listing of its own yet, so this only knows this process's streams.
-    """
-
-    def __init__(self, size: int = MAX_LISTED) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
-        self._size = size
-
-    def seen(self, stream_id: str) -> None:
-        self._ids[stream_id] = None
-        self._ids.move_to_end(stream_id)
-        while len(self._ids) > self._size:
-            self._ids.popitem(last=False)
-
-    def forget(self, stream_id: str) -> None:
-        self._ids.pop(stream_id, None)
-
-    def newest(self, limit: int) -> list[str]:
-        return list(reversed(self._ids))[:limit]
-
-
-def recent_of(request: Request) -> RecentStreams:  # type: ignore[type-arg]
-    state = request.app.state
-    if "recent_streams" not in state:
-        state.recent_streams = RecentStreams()
-    recent: RecentStreams = state.recent_streams
-    return recent
+# -- handlers ----------------------------------------------------------------------------
 
 
 def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
@@ -290,25 +261,23 @@ def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
     return settings
 
 
-# -- handlers ----------------------------------------------------------------------------
-
 LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
 
 
 @get("/")
-async def list_streams(request: Request, limit: FromQuery[str | None] = None) -> dict[str, Any]:  # type: ignore[type-arg]
-    """Streams this process knows of, newest first, with their status."""
-    count = cursor_from(limit, "limit") or 50
-    manager, recent = manager_of(request), recent_of(request)
-    listed = []
-    for stream_id in recent.newest(min(count, MAX_LISTED)):
-        try:
-            listed.append(describe(await manager.info(stream_id)))
-        except StreamError as exc:
-            if exc.status is not Status.NOT_FOUND:
-                raise
-            recent.forget(stream_id)
-    return {"streams": listed}
+async def list_streams(
+    request: Request,  # type: ignore[type-arg]
+    limit: FromQuery[str | None] = None,
+    status: FromQuery[str | None] = None,
+) -> dict[str, Any]:
+    """The newest streams of the log, whichever protocol wrote them, with their status."""
+    count = min(cursor_from(limit, "limit") or 50, MAX_LISTED)
+    try:
+        wanted = StreamStatus(status) if status else None
+    except ValueError:
+        raise invalid(f"status must be one of {', '.join(StreamStatus)}") from None
+    listed = await manager_of(request).list_streams(wanted, count)
+    return {"streams": [describe(info) for info in listed]}
 
 
 @put("/{stream_id:str}", status_code=201)
@@ -325,8 +294,7 @@ async def create_stream(request: Request, stream_id: FromPath[str]) -> Response[
             body, "idle_timeout_seconds", nullable=True, minimum=1
         )
     manager = manager_of(request)
-    await manager.open(stream_id, **options)
-    recent_of(request).seen(stream_id)
+    await manager.open(stream_id, origin=ORIGIN, **options)
     info = await manager.info(stream_id)
     return Response(describe(info), status_code=201, headers={"Location": request.url.path})
 
@@ -340,7 +308,7 @@ async def stream_info(request: Request, stream_id: FromPath[str]) -> dict[str, A
 async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """Append one event {"type"?, "data"} or a list of them, all or nothing."""
     events = new_events(await json_body(request, required=True))
-    committed = await manager_of(request).append(stream_id, events)
+    committed = await manager_of(request).submit(AppendRequest(stream_id, events, origin=ORIGIN))
     return {"first_seq": committed[0].seq, "last_seq": committed[-1].seq}
 
 
@@ -348,7 +316,7 @@ async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str,
 async def finish_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with a result: {"output"?}."""
     body = object_body(await json_body(request, required=False), {"output"})
-    event = await manager_of(request).writer(stream_id).done(body.get("output"))
+    event = await manager_of(request).writer(stream_id, ORIGIN).done(body.get("output"))
     return {"seq": event.seq, "status": "done"}
 
 
@@ -364,14 +332,15 @@ async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, A
     except ValueError:
         raise invalid(f'"status" must be one of {", ".join(Status)}') from None
     failure = StreamError(status, message, body.get("details"))
-    event = await manager_of(request).writer(stream_id).error(failure)
+    event = await manager_of(request).writer(stream_id, ORIGIN).error(failure)
     return {"seq": event.seq, "status": "error"}
 
 
 @post("/{stream_id:str}/close", status_code=200)
 async def close_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream without a result; closing twice fails like any late write."""
-    events = await manager_of(request).append(stream_id, [NewEvent.closed()])
+    closed = AppendRequest(stream_id, [NewEvent.closed()], origin=ORIGIN)
+    events = await manager_of(request).submit(closed)
     return {"seq": events[0].seq, "status": "closed"}
 
 
@@ -404,7 +373,6 @@ async def read_events(
         # Everything including the end was delivered: 204 tells EventSource to stop.
         return Response(None, status_code=204)
     batches = await manager.subscribe_batches(stream_id, after=cursor)
-    recent_of(request).seen(stream_id)
     framing = Framing(DataEncoding.of(info.content_type), wrapped)
     base64_data = framing.encoding is DataEncoding.BASE64
     headers = {"Stream-SSE-Data-Encoding": "base64"} if base64_data else {}

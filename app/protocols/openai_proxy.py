@@ -36,20 +36,17 @@ from app import __version__
 from app.config import Settings
 from app.errors import Status, StreamError, http_status
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
+from app.log.api import AppendRequest
 from app.protocols import manager_of
-from app.protocols.events import (
-    RecentStreams,
-    cursor_from,
-    flag_from,
-    recent_of,
-    settings_of,
-)
+from app.protocols.events import cursor_from, flag_from, settings_of
 from app.protocols.runs import runs_of
 from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
 log = logging.getLogger("streamkeep.proxy")
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+# Who appends, for the metrics (appends by origin).
+ORIGIN = "proxy"
 SHUTDOWN_MESSAGE = "streamkeep shut down while the upstream was answering"
 CANCELLED_MESSAGE = "cancelled by the client"
 
@@ -151,7 +148,6 @@ class ProxyRun:
         manager: StreamManager,
         client: httpx.AsyncClient,
         request: httpx.Request,
-        recent: RecentStreams,
         named: Callable[[str], None],
     ) -> None:
         self.api = api
@@ -159,7 +155,6 @@ class ProxyRun:
         self.manager = manager
         self.client = client
         self.request = request
-        self.recent = recent
         self.ready: asyncio.Future[str | UpstreamReply] = asyncio.get_running_loop().create_future()
         # The request may have stopped waiting (it timed out): its failure is then nobody's.
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -211,10 +206,9 @@ class ProxyRun:
         await self._record_until_end(first, events)
 
     async def _open(self, stream_id: str) -> None:
-        await self.manager.open(stream_id)
+        await self.manager.open(stream_id, origin=ORIGIN)
         self.stream_id = stream_id
         self.named(stream_id)
-        self.recent.seen(stream_id)
         self.ready.set_result(stream_id)
 
     async def _record_until_end(
@@ -293,7 +287,7 @@ class ProxyRun:
 
     async def _append(self, batch: list[NewEvent]) -> None:
         if batch and self.stream_id is not None:
-            await self.manager.append(self.stream_id, batch)
+            await self.manager.submit(AppendRequest(self.stream_id, batch, origin=ORIGIN))
 
     async def _end_with_failure(self, error: StreamError) -> None:
         """Tell the client in its own dialect, then end the stream with the error."""
@@ -315,7 +309,8 @@ class ProxyRun:
         else:
             chunk = NewEvent.chunk({"error": openai_error(error)})
         try:
-            await self.manager.append(self.stream_id, [chunk, NewEvent.error(error)])
+            end = [chunk, NewEvent.error(error)]
+            await self.manager.submit(AppendRequest(self.stream_id, end, origin=ORIGIN))
         except StreamError as exc:
             # FAILED_PRECONDITION: it was cancelled (through any replica), which ended it.
             # Otherwise the log is down, and the sweeper ends the stream as abandoned.
@@ -388,13 +383,23 @@ def openai_frame(event: Event, api: Api, starting_after: int | None) -> bytes:
 
 
 async def openai_body(
-    batches: AsyncIterator[list[Event]], api: Api, starting_after: int | None, settings: Settings
+    stream_id: str,
+    batches: AsyncIterator[list[Event]],
+    api: Api,
+    starting_after: int | None,
+    settings: Settings,
 ) -> AsyncIterator[bytes]:
-    async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
-        if batch is None:
-            yield KEEPALIVE
-        elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
-            yield body
+    try:
+        async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
+            if batch is None:
+                yield KEEPALIVE
+            elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
+                yield body
+    except StreamError as exc:
+        # After the 200 there is no status left to change, and OpenAI's dialect has
+        # no frame for "reader stopped" (shutdown, database gone, stream deleted):
+        # end the body; the client resumes with starting_after.
+        log.info("reader of %r stopped: %s", stream_id, exc)
 
 
 async def replay(
@@ -404,7 +409,8 @@ async def replay(
     starting_after: int | None = None,
 ) -> Stream:
     batches = await manager_of(request).subscribe_batches(stream_id)
-    return sse_response(openai_body(batches, api, starting_after, settings_of(request)))
+    body = openai_body(stream_id, batches, api, starting_after, settings_of(request))
+    return sse_response(body)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -454,7 +460,6 @@ async def proxy(request: Request, api: Api) -> Response[Any]:  # type: ignore[ty
         manager_of(request),
         client,
         upstream_request(client, settings, api, body, stream=True),
-        recent_of(request),
         named=lambda stream_id: runs.rename(key, stream_id),
     )
     task = runs.start(key, run.run())
@@ -523,7 +528,7 @@ async def cancel_response(request: Request, response_id: FromPath[str]) -> dict[
         cancelled = {**await latest_snapshot(manager, response_id), "status": "cancelled"}
         end = NewEvent.error(StreamError(Status.CANCELLED, CANCELLED_MESSAGE, cancelled))
         try:
-            await manager.append(response_id, [end])
+            await manager.submit(AppendRequest(response_id, [end], origin=ORIGIN))
         except StreamError as exc:
             if exc.status is not Status.FAILED_PRECONDITION:
                 raise  # (FAILED_PRECONDITION: it ended meanwhile; answer with that end)

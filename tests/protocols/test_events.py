@@ -177,7 +177,9 @@ def test_expired_stream_is_404(client: httpx.Client) -> None:
     assert client.get("/v1/streams/short").status_code == 404
 
 
-def test_listing_shows_recent_streams_newest_first_with_status(client: httpx.Client) -> None:
+def test_listing_shows_the_newest_streams_of_the_log_with_their_status(
+    client: httpx.Client,
+) -> None:
     create(client, "older")
     create(client, "newer")
     client.post("/v1/streams/older/done", json={"output": 1})
@@ -186,6 +188,9 @@ def test_listing_shows_recent_streams_newest_first_with_status(client: httpx.Cli
     assert [s["id"] for s in client.get("/v1/streams", params={"limit": 1}).json()["streams"]] == [
         "newer"
     ]
+    done = client.get("/v1/streams", params={"status": "done"}).json()["streams"]
+    assert [s["id"] for s in done] == ["older"]
+    assert client.get("/v1/streams", params={"status": "finished"}).status_code == 400
 
 
 # -- bad input changes nothing ----------------------------------------------------------

@@ -37,8 +37,9 @@ pytestmark = [
 
 
 @pytest.fixture
-def server(live_server: ServerFactory) -> LiveServer:
-    return live_server()
+def server(live_server: ServerFactory, request: pytest.FixtureRequest) -> LiveServer:
+    """A server, under the path prefix given as the test's parameter, if any."""
+    return live_server(path_prefix=getattr(request, "param", ""))
 
 
 @pytest.fixture
@@ -102,10 +103,11 @@ def test_page_resumes_a_running_stream_after_reload_without_repeats_or_gaps(
     assert shown_event_seqs(page) == list(range(1, 31))
 
 
+@pytest.mark.parametrize("server", ["", "/streamkeep"], indirect=True, ids=["root", "prefixed"])
 def test_try_it_starts_a_demo_flow_and_a_reload_midway_loses_and_repeats_nothing(
     page: Page, server: LiveServer
 ) -> None:
-    page.goto(server.url)
+    page.goto(server.url + server.settings.path_prefix)
     page.click("#try")
     # Some of the countdown is on the page: reload while it runs.
     wait_for_text_length(page, len("20\n19\n18\n"))
