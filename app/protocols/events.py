@@ -253,13 +253,12 @@ async def sse_body(
         yield ServerSentEventMessage(event=END_EVENT, data=gone).encode()
 
 
-# -- handlers ----------------------------------------------------------------------------
-
-
 def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
     settings: Settings = request.app.state.settings
     return settings
 
+
+# -- handlers ----------------------------------------------------------------------------
 
 LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
 

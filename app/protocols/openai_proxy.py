@@ -161,7 +161,11 @@ class ProxyRun:
         self.stream_id: str | None = None
         self.snapshot: dict[str, Any] = {}
         self.last_sequence_number = -1
-        self.ended = False
+        # The upstream's end was seen (read no further); the stream's end was committed.
+        self.upstream_ended = False
+        self.recorded_end = False
+        # Why the run was cancelled: the app shutting down, unless whoever cancels says.
+        self.stop_reason = upstream_failure(SHUTDOWN_MESSAGE)
 
     async def run(self) -> None:
         try:
@@ -171,7 +175,7 @@ class ProxyRun:
             finally:
                 await response.aclose()
         except asyncio.CancelledError:
-            await self._end_with_failure(upstream_failure(SHUTDOWN_MESSAGE))
+            await self._end_with_failure(self.stop_reason)
             raise
         except StreamError as exc:
             await self._end_with_failure(exc)
@@ -224,7 +228,7 @@ class ProxyRun:
         queue.put_nowait(first)
         reader = asyncio.create_task(read_into(events, queue))
         try:
-            while not self.ended:
+            while not self.upstream_ended:
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
@@ -243,20 +247,20 @@ class ProxyRun:
                 await self._append(batch)
                 raise upstream_failure("the upstream closed the stream before the response ended")
             batch.extend(self._events_for(item))
-            if self.ended:
+            if self.upstream_ended:
                 break
         await self._append(batch)
 
     def _events_for(self, item: UpstreamEvent) -> list[NewEvent]:
         """The log events for one upstream event: its chunk, and the end if it is one."""
         if item.data == CHAT_DONE:
-            self.ended = True
+            self.upstream_ended = True
             return [NewEvent.done(None)]
         self._remember(item.json)
         events = [item.as_chunk()]
         end = self._end_of(item)
         if end is not None:
-            self.ended = True
+            self.upstream_ended = True
             events.append(end)
         return events
 
@@ -288,15 +292,15 @@ class ProxyRun:
     async def _append(self, batch: list[NewEvent]) -> None:
         if batch and self.stream_id is not None:
             await self.manager.submit(AppendRequest(self.stream_id, batch, origin=ORIGIN))
+            self.recorded_end = batch[-1].kind.is_terminal
 
     async def _end_with_failure(self, error: StreamError) -> None:
         """Tell the client in its own dialect, then end the stream with the error."""
         if self.stream_id is None:
             self._not_started(error)
             return
-        if self.ended:
+        if self.recorded_end:
             return
-        self.ended = True
         if self.api is Api.RESPONSES:
             failed = self.failed(error.message)
             error = StreamError(error.status, error.message, failed)
@@ -309,13 +313,14 @@ class ProxyRun:
         else:
             chunk = NewEvent.chunk({"error": openai_error(error)})
         try:
-            end = [chunk, NewEvent.error(error)]
-            await self.manager.submit(AppendRequest(self.stream_id, end, origin=ORIGIN))
+            await self._append([chunk, NewEvent.error(error)])
         except StreamError as exc:
             # FAILED_PRECONDITION: it was cancelled (through any replica), which ended it.
-            # Otherwise the log is down, and the sweeper ends the stream as abandoned.
             if exc.status is not Status.FAILED_PRECONDITION:
+                # The log is down: live readers here end now, and the idle sweep
+                # ends the stream itself once the database is back.
                 log.warning("could not record the end of %r: %s", self.stream_id, exc)
+                self.manager.fail_readers(self.stream_id, error)
 
     def failed(self, message: str) -> dict[str, Any]:
         return {
@@ -470,10 +475,11 @@ async def proxy(request: Request, api: Api) -> Response[Any]:  # type: ignore[ty
         first_event_limit = CONNECT_TIMEOUT_SECONDS + settings.upstream_timeout_seconds
         started = await asyncio.wait_for(asyncio.shield(run.ready), first_event_limit)
     except TimeoutError:
-        task.cancel()
-        raise upstream_failure(
+        run.stop_reason = upstream_failure(
             "the upstream sent no event in time", Status.DEADLINE_EXCEEDED
-        ) from None
+        )
+        task.cancel()
+        raise run.stop_reason from None
     if isinstance(started, UpstreamReply):
         return started.response()
     return await replay(request, started, api)

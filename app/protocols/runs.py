@@ -19,9 +19,6 @@ from litestar import Litestar, Request
 
 log = logging.getLogger("streamkeep.runs")
 
-# How long shutdown waits for cancelled runs to record their end.
-SHUTDOWN_GRACE_SECONDS = 10.0
-
 
 class Runs:
     """The app's background producers, by stream id."""
@@ -50,12 +47,13 @@ class Runs:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed", task.get_name(), exc_info=task.exception())
 
-    async def close(self) -> None:
+    async def close(self, grace_seconds: float) -> None:
+        """Cancel every run and give them `grace_seconds` to record how they ended."""
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         if tasks:
-            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_SECONDS)
+            _, late = await asyncio.wait(tasks, timeout=grace_seconds)
             if late:
                 log.warning("%d runs did not record their end before shutdown", len(late))
 
@@ -73,4 +71,4 @@ async def runs_lifespan(app: Litestar) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await runs.close()
+        await runs.close(app.state.settings.shutdown_timeout_seconds)
