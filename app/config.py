@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///streamkeep.db"
@@ -52,6 +52,17 @@ class Settings:
     trusted_proxies: str = ""
     # Serve everything under this path, e.g. /streamkeep (for a shared reverse proxy).
     path_prefix: str = ""
+    # Native SSE: a comment frame after this much silence keeps proxies from cutting
+    # idle streams; `retry` tells browsers how soon to reconnect.
+    sse_keepalive_seconds: float = 15.0
+    sse_retry_ms: int = 2000
+    # The OpenAI-compatible server behind /v1/responses and /v1/chat/completions: its
+    # base URL, ending in /v1 (empty: the proxy is off), and the key streamkeep sends it.
+    upstream_url: str = ""
+    upstream_api_key: str = field(default="", repr=False)
+    # The longest the upstream may stay silent (connecting, or between two bytes)
+    # before its call counts as failed.
+    upstream_timeout_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

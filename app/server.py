@@ -23,7 +23,7 @@ from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
-from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_routers
+from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_lifespans, protocol_routers
 from app.protocols.ops import ops_router
 
 log = logging.getLogger("streamkeep")
@@ -220,7 +220,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             expose_headers=EXPOSED_HEADERS,
             max_age=600,
         ),
-        lifespan=[lifespan],
+        lifespan=[lifespan, *protocol_lifespans()],
         state=State({"settings": settings, "metrics": metrics}),
         # Logging is set up once by the command (app.observability), not by Litestar.
         logging_config=None,

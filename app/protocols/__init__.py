@@ -6,15 +6,18 @@ None of them writes SQL; each exposes a Litestar Router that app.server mounts.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from litestar import Request, Router
+from litestar import Litestar, Request, Router
 
 from app.log import StreamManager
 
 # Response headers that browsers' scripts may read, whatever the protocol (CORS).
 EXPOSED_HEADERS = ["X-Genkit-Stream-Id"]
+
+Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
 
 BODIES_KEY = "streamkeep.bodies"
@@ -46,7 +49,23 @@ def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]
 
 
 def protocol_routers() -> list[Router]:
+    # Imported here: the protocol modules import manager_of from this package.
     from app.flows import registry
+    from app.protocols import events, openai_proxy, page
     from app.protocols.genkit import flow_router
 
-    return [flow_router(registry, lambda request: request.app.state.runner)]
+    return [
+        flow_router(registry, lambda request: request.app.state.runner),
+        events.router,
+        openai_proxy.router,
+        page.router,
+    ]
+
+
+def protocol_lifespans() -> list[Lifespan]:
+    """Set-up and tear-down of protocols: entered after the log is up, left in
+    reverse order before it closes (so background runs can record how they ended)."""
+    from app.protocols.openai_proxy import upstream_lifespan
+    from app.protocols.runs import runs_lifespan
+
+    return [upstream_lifespan, runs_lifespan]
