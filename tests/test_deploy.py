@@ -84,7 +84,11 @@ def nginx(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[str, LiveServer]]:
     if not os.path.exists(binary):
         raise RuntimeError("nginx is not installed: apt-get install nginx-light (.ci/run does)")
     service = LiveServer(
-        Settings(database_url=sqlite_url, flows="tests.protocols.flows_for_tests")
+        Settings(
+            database_url=sqlite_url,
+            flows="tests.protocols.flows_for_tests",
+            sse_keepalive_seconds=0.5,
+        )
     ).start()
     port = free_port()
     upstream = service.url.removeprefix("http://")
@@ -193,3 +197,21 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies(sqlite_url: st
         ]
         seen[trusted] = access[-1]["client"]
     assert seen == {"": "127.0.0.1", "127.0.0.1": "203.0.113.9"}
+
+
+def test_idle_stream_outlives_the_proxy_read_timeout(nginx: tuple[str, LiveServer]) -> None:
+    """nginx cuts a silent upstream after proxy_read_timeout (2 s here); keepalives prevent it."""
+    base, _ = nginx
+    assert httpx.put(f"{base}/v1/streams/idle", json={}).status_code == 201
+    with httpx.stream("GET", f"{base}/v1/streams/idle/events", timeout=30) as response:
+        lines = response.iter_lines()
+        started = time.monotonic()
+        keepalives = 0
+        while time.monotonic() - started < 4:  # twice the proxy's read timeout, idle
+            line = next(lines)
+            keepalives += line.startswith(":")
+        appended = httpx.post(f"{base}/v1/streams/idle/events", json={"type": "note", "data": 1})
+        assert appended.status_code == 200
+        seen = [next(lines) for _ in range(8)]
+    assert keepalives >= 4
+    assert "event: note" in seen and "data: 1" in seen
