@@ -674,7 +674,7 @@ class StreamManager:
         return {stream_id: tail.last_seq for stream_id, tail in self._tails.items()}
 
     def hint(self, stream_id: str, last_seq: int) -> None:
-        """Another process committed up to `last_seq` (negative: deleted)."""
+        """Another process committed up to `last_seq` (negative: deleted; huge: unknown)."""
         tail = self._tails.get(stream_id)
         if tail is None:
             return

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -23,42 +24,84 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamkeep.wakeup")
 
 
+# With this many watched streams or fewer, a change is checked by reading their
+# rows directly (one query each) rather than asking for all heads first.
+FEW_STREAMS = 2
+UNKNOWN_HEAD = 2**62
+
+
 class SqlitePoller:
     """Finds appends by other processes on the same SQLite file.
 
-    One query per interval for all watched streams together, and only while
-    some local reader is waiting; local appends wake readers directly.
+    It watches `PRAGMA data_version` on a connection of its own: the number
+    changes when any other connection commits to the file, and reading it
+    costs microseconds (no table is read, no lock is taken), so it can be
+    checked every few milliseconds. Only when it changed, and only while some
+    local reader waits, does one query read the heads of all watched streams.
+    A full check also runs every `safety_seconds`, whatever data_version says.
     """
 
-    def __init__(self, store: SqlStore, interval: float = 0.1) -> None:
+    def __init__(
+        self, store: SqlStore, interval: float = 0.005, safety_seconds: float = 1.0
+    ) -> None:
         self._store = store
         self._interval = interval
+        self._safety_seconds = safety_seconds
         self._task: asyncio.Task[None] | None = None
+        self._probe: sqlite3.Connection | None = None
 
     @property
     def connected(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def start(self, manager: StreamManager) -> None:
+        database = self._store.url.database
+        if database and database != ":memory:":
+            # Autocommit, read-only use: it must never hold a transaction open.
+            self._probe = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         self._task = asyncio.create_task(self._run(manager), name="streamkeep-sqlite-poll")
 
+    def _data_version(self) -> int | None:
+        if self._probe is None:
+            return None
+        try:
+            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.Error:
+            return None
+
     async def _run(self, manager: StreamManager) -> None:
+        loop = asyncio.get_running_loop()
+        last_version = self._data_version()
+        last_full_check = loop.time()
         while True:
             await asyncio.sleep(self._interval)
-            watched = manager.watched()
-            if not watched:
+            if not manager.watched():
                 continue
-            try:
-                heads = await self._store.heads(list(watched))
-            except StreamError as exc:
-                log.warning("sqlite poll failed: %s", exc)
+            version = self._data_version()
+            due = loop.time() - last_full_check >= self._safety_seconds
+            if version is not None and version == last_version and not due:
                 continue
-            for stream_id, seen in watched.items():
-                head = heads.get(stream_id)
-                if head is None:
-                    manager.hint(stream_id, -1)
-                elif head > seen:
-                    manager.hint(stream_id, head)
+            last_version, last_full_check = version, loop.time()
+            await self._check_heads(manager)
+
+    async def _check_heads(self, manager: StreamManager) -> None:
+        watched = manager.watched()
+        if len(watched) <= FEW_STREAMS:
+            # Cheaper to let each tail read its new rows than to ask for heads first.
+            for stream_id in watched:
+                manager.hint(stream_id, UNKNOWN_HEAD)
+            return
+        try:
+            heads = await self._store.heads(list(watched))
+        except StreamError as exc:
+            log.warning("sqlite poll failed: %s", exc)
+            return
+        for stream_id, seen in watched.items():
+            head = heads.get(stream_id)
+            if head is None:
+                manager.hint(stream_id, -1)
+            elif head > seen:
+                manager.hint(stream_id, head)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -66,6 +109,9 @@ class SqlitePoller:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
 
 
 class PostgresListener:
