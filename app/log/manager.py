@@ -455,6 +455,7 @@ class StreamManager:
         self.stats = LogStats()
         self.open_streams_seen = 0
         self._stopped: StreamError | None = None
+        self._rechecker: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -471,6 +472,10 @@ class StreamManager:
             await self._committer.stop()
         if self.notifier is not None:
             await self.notifier.stop()
+        if self._rechecker is not None:
+            self._rechecker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rechecker
         for tail in list(self._tails.values()):
             tail.mark_gone()
         await self.store.close()
@@ -610,14 +615,16 @@ class StreamManager:
                     raise not_found(stream_id)
                 if tail.failure is not None:
                     raise tail.failure
-                changed = tail.changed()
-                done, _ = await asyncio.wait({changed}, timeout=self.safety_poll_seconds)
-                if not done:
-                    tail.request_refresh(check_gone=True)
+                # No timer per reader: one safety check for all tails runs in
+                # _recheck_tails. asyncio.wait, unlike a bare await, does not
+                # cancel the shared future when this reader is cancelled.
+                await asyncio.wait({tail.changed()})
         finally:
             self._detach(tail)
 
     def _attach(self, stream_id: str, known_last: int) -> _Tail:
+        if self._rechecker is None or self._rechecker.done():
+            self._rechecker = asyncio.create_task(self._recheck_tails(), name="streamkeep-recheck")
         tail = self._tails.get(stream_id)
         if tail is None or tail.gone:
             tail = _Tail(self, stream_id, known_last)
@@ -636,6 +643,14 @@ class StreamManager:
                 f"stream {stream_id!r} has {tail.readers} readers here, "
                 f"the limit is {self.max_readers_per_stream}",
             )
+
+    async def _recheck_tails(self) -> None:
+        """Every safety_poll_seconds, every tail re-reads its rows and checks the stream
+        still exists, whatever the wake-ups said (they are hints, and can be lost)."""
+        while True:
+            await asyncio.sleep(self.safety_poll_seconds)
+            for tail in list(self._tails.values()):
+                tail.request_refresh(check_gone=True)
 
     def _detach(self, tail: _Tail) -> None:
         tail.readers -= 1

@@ -532,3 +532,19 @@ async def test_pushed_chunks_are_committed_in_order_by_flush(manager: StreamMana
     assert (await manager.info("s")).last_seq == 2500
     await writer.done("end")
     assert chunks(await collect(await manager.subscribe("s"))) == list(range(2500))
+
+
+async def test_a_lost_wakeup_is_caught_by_the_safety_recheck(make_manager: ManagerFactory) -> None:
+    """Wake-ups are hints: a reader that never gets one still sees the rows."""
+    producer = make_manager()
+    deaf = make_manager(safety_poll_seconds=0.1)
+    deaf.notifier = None  # it will never hear of the producer's appends
+    await producer.start()
+    await deaf.start()
+    writer = await producer.open("s")
+    reader = asyncio.create_task(collect(await deaf.subscribe("s")))
+    await asyncio.sleep(0.05)
+    for i in range(3):
+        await writer.write(i)
+    await writer.done("end")
+    assert chunks(await reader) == [0, 1, 2]
