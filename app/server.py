@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +20,7 @@ from app.flows import load_flow_modules
 from app.flows.runner import FlowRunner
 from app.log import StreamManager, create_manager
 from app.log.db import is_sqlite, normalize_url
+from app.log.tasks import cancel_and_wait
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
 from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_lifespans, protocol_routers
@@ -198,9 +198,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await cancel_and_wait(sweeper)
             # Runs end with an error before the log closes: none stays open.
             await runner.shutdown(settings.shutdown_timeout_seconds)
             await manager.close()

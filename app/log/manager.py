@@ -37,6 +37,7 @@ from app.log.api import (
     SweepReport,
 )
 from app.log.store import StreamStore
+from app.log.tasks import cancel_and_wait
 
 log = logging.getLogger("streamkeep.log")
 
@@ -213,9 +214,7 @@ class _Committer:
     async def stop(self) -> None:
         await self.drain()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
 
@@ -472,10 +471,7 @@ class StreamManager:
             await self._committer.stop()
         if self.notifier is not None:
             await self.notifier.stop()
-        if self._rechecker is not None:
-            self._rechecker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rechecker
+        await cancel_and_wait(self._rechecker)
         for tail in list(self._tails.values()):
             tail.mark_gone()
         await self.store.close()

@@ -17,6 +17,7 @@ import asyncpg
 
 from app.errors import StreamError
 from app.log.sql import NOTIFY_CHANNEL, SqlStore
+from app.log.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from app.log.manager import StreamManager
@@ -104,11 +105,8 @@ class SqlitePoller:
                 manager.hint(stream_id, head)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._probe is not None:
             self._probe.close()
             self._probe = None
@@ -182,11 +180,8 @@ class PostgresListener:
                 await asyncio.wait_for(conn.close(), timeout=2)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def _parse(payload: str) -> list[tuple[str, int]]:
