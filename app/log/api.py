@@ -177,8 +177,8 @@ class LogStats:
     swept_streams: int = 0
     swept_events: int = 0
 
-    def count_append(self, origin: str, payload_bytes: int) -> None:
-        self.appends[origin] = self.appends.get(origin, 0) + 1
+    def count_appends(self, origin: str, appends: int, payload_bytes: int) -> None:
+        self.appends[origin] = self.appends.get(origin, 0) + appends
         self.appended_bytes[origin] = self.appended_bytes.get(origin, 0) + payload_bytes
 
 

@@ -175,14 +175,20 @@ class _Committer:
         committed: list[Event] = []
         stats = manager.stats
         stats.commits += 1
+        origins: dict[str, list[int]] = {}  # origin -> [appends, bytes], counted once a batch
         for p, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StreamError):
                 stats.rejected_appends += 1
                 p.fail(outcome)
-            else:
-                committed.extend(outcome)
-                stats.count_append(p.request.origin, sum(len(e.payload) for e in outcome))
+                continue
+            committed.extend(outcome)
+            counts = origins.setdefault(p.request.origin, [0, 0])
+            counts[0] += 1
+            counts[1] += sum(len(e.payload) for e in outcome)
+            if p.future is not None:
                 p.succeed(outcome)
+        for origin, (appends, payload_bytes) in origins.items():
+            stats.count_appends(origin, appends, payload_bytes)
         manager._publish(committed)
         manager._commit_finished()
         self._settle(len(batch))

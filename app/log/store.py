@@ -105,21 +105,29 @@ def plan_appends(
     # computed once, from the last event (this runs for every event appended).
     last_seq, status, abandon_at = info.last_seq, info.status, info.abandon_at
     idle = info.idle_timeout_seconds
+    abandon_after_write = now + timedelta(seconds=idle) if idle is not None else None
+    open_ = StreamStatus.OPEN
     for request in requests:
-        problem = _check_request(info.id, status, abandon_at, request)
-        if problem is not None:
-            outcomes.append(problem)
-            continue
-        committed = [
-            Event(stream_id, last_seq + i, e.kind, e.payload, now, e.type)
-            for i, e in enumerate(request.events, start=1)
-        ]
+        if status is not open_ or request.abandoned_by is not None:
+            problem = _check_request(info.id, status, abandon_at, request)
+            if problem is not None:
+                outcomes.append(problem)
+                continue
+        if len(request.events) == 1:  # the usual case, without a loop
+            e = request.events[0]
+            last_seq += 1
+            committed = [Event(stream_id, last_seq, e.kind, e.payload, now, e.type)]
+        else:
+            committed = [
+                Event(stream_id, last_seq + i, e.kind, e.payload, now, e.type)
+                for i, e in enumerate(request.events, start=1)
+            ]
+            last_seq = committed[-1].seq
         new_events.extend(committed)
         outcomes.append(committed)
-        last_seq = committed[-1].seq
-        if committed[-1].kind.is_terminal:
+        if committed[-1].kind is not EventKind.CHUNK:
             status = STATUS_AFTER[committed[-1].kind]
-        abandon_at = now + timedelta(seconds=idle) if idle is not None else None
+        abandon_at = abandon_after_write
     if not new_events:
         return None, outcomes
     return StreamPlan(_advance(info, new_events, now), new_events), outcomes
