@@ -51,6 +51,16 @@ _HTTP_STATUS: dict[Status, int] = {
 }
 
 
+# What a 503 tells clients: try again after this many seconds (the database is
+# restarting, SQLite is locked, the service is shutting down).
+RETRY_AFTER_SECONDS = 2
+
+
+def retry_headers(status_code: int) -> dict[str, str]:
+    """Headers for an error answer: a 503 says when to try again."""
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status_code == 503 else {}
+
+
 def http_status(status: Status | StreamError) -> int:
     """The HTTP status for a status name, or for an error (which may name its own)."""
     if isinstance(status, StreamError):

@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import Status, StreamError, http_status
+from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import load_flow_modules
 from app.flows.runner import FlowRunner
 from app.log import StreamManager, create_manager
@@ -78,8 +78,7 @@ async def sweep_forever(manager: StreamManager, interval: float) -> None:
 def stream_error_response(_request: Request[Any, Any, Any], exc: StreamError) -> Response[Any]:
     """Any StreamError that reaches the framework: its status, as JSON; 503s say when to retry."""
     status = http_status(exc)
-    headers = {"Retry-After": "2"} if status == 503 else {}
-    return Response({"error": exc.to_dict()}, status_code=status, headers=headers)
+    return Response({"error": exc.to_dict()}, status_code=status, headers=retry_headers(status))
 
 
 def http_error_response(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

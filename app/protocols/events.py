@@ -28,7 +28,7 @@ from litestar.params import FromPath, FromQuery, HeaderParameter
 from litestar.response import ServerSentEventMessage
 
 from app.config import Settings
-from app.errors import Status, StreamError, http_status
+from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
@@ -50,8 +50,12 @@ ORIGIN = "events"
 
 
 def stream_error_response(_: Request, exc: StreamError) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
-    """Every failure of this API as {"status", "message"[, "details"]} with its HTTP code."""
-    return Response(exc.to_dict(), status_code=http_status(exc.status))
+    """Every failure of this API as {"status", "message"[, "details"]} with its HTTP code.
+
+    A 503 (the database away or locked) carries Retry-After, as the app's own handler's do.
+    """
+    status = http_status(exc.status)
+    return Response(exc.to_dict(), status_code=status, headers=retry_headers(status))
 
 
 def invalid(message: str) -> StreamError:

@@ -25,7 +25,7 @@ from litestar import Request, Response, Router, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from app.errors import Status, StreamError, http_status
+from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
 from app.log import Event, EventKind, StreamManager
@@ -85,10 +85,12 @@ async def frames(batches: AsyncIterator[list[Event]]) -> AsyncIterator[bytes]:
 
 
 def _error_response(error: StreamError) -> Response[bytes]:
+    status = http_status(error.status)
     return Response(
         content=_json({"error": error.to_dict()}),
-        status_code=http_status(error.status),
+        status_code=status,
         media_type="application/json",
+        headers=retry_headers(status),
     )
 
 

@@ -34,7 +34,7 @@ from litestar.response import ServerSentEventMessage, Stream
 
 from app import __version__
 from app.config import Settings
-from app.errors import Status, StreamError, http_status
+from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
 from app.log.api import AppendRequest
 from app.protocols import manager_of
@@ -365,7 +365,8 @@ def openai_error(err: StreamError) -> dict[str, Any]:
 
 
 def openai_error_response(_: Request, exc: StreamError) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
-    return Response({"error": openai_error(exc)}, status_code=http_status(exc.status))
+    status = http_status(exc.status)
+    return Response({"error": openai_error(exc)}, status_code=status, headers=retry_headers(status))
 
 
 def sequence_number(event: Event) -> int:
