@@ -50,10 +50,38 @@ _KINDS = {k.value: k for k in EventKind}
 _STATUSES = {s.value: s for s in StreamStatus}
 
 
+# SQLSTATEs of a server that is away for now, not of a bad statement: connection
+# exceptions (08), insufficient resources (53: too many connections, disk full) and
+# operator intervention (57P01 admin shutdown, 57P02 crash shutdown, 57P03 "the
+# database system is shutting down" or "is starting up" while Postgres restarts).
+UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The Postgres SQLSTATE of an error, whether SQLAlchemy wrapped it or not."""
+    seen: BaseException | None = exc
+    for _ in range(5):  # DBAPIError -> the adapter's Error -> asyncpg's error
+        if seen is None:
+            return None
+        code = getattr(seen, "sqlstate", None)
+        if isinstance(code, str):
+            return code
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return None
+
+
 def storage_error(exc: BaseException) -> StreamError:
-    """A StreamError for a failure of the database itself (the cause stays attached)."""
-    unavailable = isinstance(exc, OSError | TimeoutError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    """A StreamError for a failure of the database itself (the cause stays attached).
+
+    UNAVAILABLE (503 with Retry-After) when trying again later can succeed: the
+    server is unreachable, restarting or out of connections, SQLite is locked.
+    INTERNAL for anything else.
+    """
+    sqlstate = _sqlstate(exc) or ""
+    unavailable = (
+        isinstance(exc, OSError | TimeoutError)
+        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
     )
     name = type(getattr(exc, "orig", None) or exc).__name__
     if unavailable or "Operational" in name or "Interface" in name or "Connection" in name:

@@ -7,10 +7,13 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
+from sqlalchemy.exc import DBAPIError
 
 from app.errors import Status, StreamError
 from app.log import MemoryStore, StreamManager
 from app.log.db import normalize_url
+from app.log.sql import storage_error
 
 Breaker = Callable[[bool], Awaitable[None]]
 
@@ -84,3 +87,30 @@ async def test_a_failed_push_is_raised_by_flush_and_the_next_push(
         writer.push("after the failure")
     if database_url != "memory":
         await break_storage(False)
+
+
+RESTARTING = [
+    asyncpg.exceptions.CannotConnectNowError("the database system is shutting down"),
+    asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
+    asyncpg.exceptions.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.exceptions.TooManyConnectionsError("sorry, too many clients already"),
+]
+
+
+@pytest.mark.parametrize("error", RESTARTING, ids=lambda e: type(e).__name__)
+def test_bug_postgres_restarting_was_a_500_not_a_503(error: asyncpg.PostgresError) -> None:
+    """Found by tests/test_faults.py: while Postgres shut down or started up, appends
+    and reads failed with "the database system is shutting down" (SQLSTATE 57P03),
+    which SQLAlchemy wraps as a plain `Error`: it was INTERNAL (HTTP 500) instead of
+    UNAVAILABLE (503 with Retry-After), so clients were told not to retry."""
+    adapted = AsyncAdapt_asyncpg_dbapi.Error(str(error), error)  # type: ignore[no-untyped-call]
+    wrapped = DBAPIError("SELECT 1", None, adapted)
+    for raised in (error, wrapped):  # from the driver itself, or through SQLAlchemy
+        assert storage_error(raised).status is Status.UNAVAILABLE
+
+
+def test_a_bad_statement_stays_internal() -> None:
+    error = asyncpg.exceptions.UndefinedTableError('relation "events" does not exist')
+    adapted = AsyncAdapt_asyncpg_dbapi.Error(str(error), error)  # type: ignore[no-untyped-call]
+    wrapped = DBAPIError("SELECT 1", None, adapted)
+    assert storage_error(wrapped).status is Status.INTERNAL
