@@ -210,6 +210,28 @@ def read_all(base: str, stream_id: str) -> tuple[list[tuple[int, int]], Any]:
     return got, end
 
 
+def end_and_check(
+    base: str, stream_id: str, log: Path, reader: ResumingReader
+) -> tuple[ProducerLog, Tally]:
+    """End the stream (its producers are dead), then compare it with the acknowledgements.
+
+    No acknowledged append lost, none stored twice, out of order or under another
+    seq; seqs without gaps; and the reader that lived through the faults got
+    exactly the stored events, each once, in order, and the end.
+    """
+    ended = httpx.post(f"{base}/v1/streams/{stream_id}/done", json={"output": "ok"}, timeout=30)
+    assert ended.status_code == 200, ended.text
+    reader.join(60)
+    acks = ProducerLog.read(log)
+    stored, end = read_all(base, stream_id)
+    counts = tally(acks.acked, stored)
+    assert faults_of(counts) == NO_FAULT, counts
+    assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
+    assert reader.end == end == {"status": "done", "output": "ok"}
+    assert reader.got == stored
+    return acks, counts
+
+
 def create_stream(base: str, stream_id: str) -> None:
     # No idle timeout: the stream must outlive its producers' deaths in these tests.
     created = httpx.put(
@@ -264,21 +286,9 @@ def test_sigkill_of_service_and_producer_loses_and_repeats_nothing_acknowledged(
                 service = start_service(url, port, env=SERVICE_ENV)
         assert producer is not None
         sigkill(producer)
-        ended = httpx.post(f"{base}/v1/streams/crash/done", json={"output": "ok"}, timeout=30)
-        assert ended.status_code == 200, ended.text
-        reader.join(60)
-
-        acks = ProducerLog.read(log)
-        stored, end = read_all(base, "crash")
-        counts = tally(acks.acked, stored)
+        acks, counts = end_and_check(base, "crash", log, reader)
         print(f"\n[{backend}] SIGKILL rounds {KILL_ROUNDS} seed {SEED}: {counts}")
-        assert faults_of(counts) == NO_FAULT, counts
-        assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
         assert counts.acknowledged >= 150
-        assert end == {"status": "done", "output": "ok"}
-        # The reader lived through every crash and got each event exactly once, in order.
-        assert reader.end == end
-        assert reader.got == stored
         assert reader.connections >= 4  # it resumed after each of the three service kills
         # Nothing but the crash itself failed an append: no 500, no other refusal.
         assert {status for _, status, _ in acks.failed} <= {"conn"}
@@ -417,17 +427,8 @@ def test_postgres_restart_while_producers_and_readers_run(tmp_path: Path) -> Non
             woken = next(frame for frame in events if frame.id is not None)
             assert woken.seq == 1 and woken.json() == {"n": 1}
 
-        ended = httpx.post(f"{b}/v1/streams/pg/done", json={"output": "ok"}, timeout=30)
-        assert ended.status_code == 200
-        reader.join(60)
-        acks = ProducerLog.read(log)
-        stored, end = read_all(a, "pg")
-        counts = tally(acks.acked, stored)
+        acks, counts = end_and_check(b, "pg", log, reader)
         print(f"\n[postgres restart] {counts}; reader connections ended: {reader.endings}")
-        assert faults_of(counts) == NO_FAULT, counts
-        assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
-        assert reader.end == end == {"status": "done", "output": "ok"}
-        assert reader.got == stored
         # Refusals were 503s with Retry-After, never a 500 or a dropped connection.
         assert acks.failed and {(status, retry != "-") for _, status, retry in acks.failed} == {
             ("503", True)
