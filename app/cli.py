@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="migrate the database at start-up (default: on for SQLite, off for Postgres)",
     )
+    serve.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback address without API keys (something in front must "
+        "authenticate); overrides STREAMKEEP_ALLOW_UNAUTHENTICATED",
+    )
 
     migrate = commands.add_parser("migrate", help="upgrade the database schema to the head")
     migrate.add_argument("--revision", default="head", help="upgrade to this revision")
@@ -80,7 +87,12 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.command == "serve":
         return _serve(
-            settings.with_overrides(host=args.host, port=args.port, auto_migrate=args.auto_migrate)
+            settings.with_overrides(
+                host=args.host,
+                port=args.port,
+                auto_migrate=args.auto_migrate,
+                allow_unauthenticated=args.allow_unauthenticated,
+            )
         )
     if args.command == "migrate":
         if args.downgrade:
@@ -96,8 +108,16 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(settings: Settings) -> int:
     import uvicorn
 
+    from app.auth import Authority, exposure_notice
     from app.server import begin_shutdown, create_app, prepare_schema
 
+    # Refuse to serve others without keys (UnsafeExposure is a ValueError: one clear
+    # line), and say at start-up who may reach what.
+    authority = Authority.from_settings(settings)
+    notice = exposure_notice(settings, authority)
+    logging.getLogger("streamkeep").log(
+        logging.INFO if authority.enforced else logging.WARNING, notice
+    )
     # Check before uvicorn starts, so that a bad schema is one clear line, not a traceback.
     asyncio.run(prepare_schema(settings))
     app = create_app(settings)

@@ -64,6 +64,16 @@ class Settings:
     # The longest the upstream may stay silent (connecting, or between two bytes)
     # before its call counts as failed.
     upstream_timeout_seconds: float = 300.0
+    # Access control (app/auth.py, README "Security"). API keys as
+    # "key:scope[,scope];key2:scope" with scopes read, write, admin; or a file of
+    # such entries, one a line. With none, the service serves loopback only unless
+    # allow_unauthenticated says that something in front of it authenticates.
+    api_keys: str = field(default="", repr=False)
+    api_keys_file: str = ""
+    # Signs per-stream read tokens (HMAC-SHA256); empty: no tokens are issued.
+    token_secret: str = field(default="", repr=False)
+    read_token_seconds: int = 3600
+    allow_unauthenticated: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

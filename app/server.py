@@ -14,6 +14,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import Authority, auth_middleware
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import load_flow_modules
@@ -183,6 +184,7 @@ def begin_shutdown(app: Litestar) -> None:
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or Settings.from_env()
     metrics = Metrics()
+    authority = Authority.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -206,7 +208,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
     return Litestar(
         # Everything under the configured prefix, so a proxy can pass paths unchanged.
         route_handlers=[Router(path=prefix, route_handlers=[ops_router(), *protocol_routers()])],
-        middleware=[request_log_middleware(metrics), stream_guard(settings.stall_timeout_seconds)],
+        middleware=[
+            request_log_middleware(metrics),
+            # After the access log (refusals are logged), before anything reads a stream.
+            auth_middleware(authority, settings.path_prefix),
+            stream_guard(settings.stall_timeout_seconds),
+        ],
         exception_handlers={StreamError: stream_error_response, HTTPException: http_error_response},
         request_max_body_size=settings.max_request_bytes,
         # Browsers on other origins may read streams: any origin, any header.
@@ -218,7 +225,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             max_age=600,
         ),
         lifespan=[lifespan, *protocol_lifespans()],
-        state=State({"settings": settings, "metrics": metrics}),
+        state=State({"settings": settings, "metrics": metrics, "authority": authority}),
         # Logging is set up once by the command (app.observability), not by Litestar.
         logging_config=None,
     )

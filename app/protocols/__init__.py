@@ -15,7 +15,7 @@ from litestar import Litestar, Request, Router
 from app.log import StreamManager
 
 # Response headers that browsers' scripts may read, whatever the protocol (CORS).
-EXPOSED_HEADERS = ["X-Genkit-Stream-Id"]
+EXPOSED_HEADERS = ["X-Genkit-Stream-Id", "X-Streamkeep-Read-Token"]
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 

@@ -27,6 +27,7 @@ from litestar import Request, Response, Router, get, post, put
 from litestar.params import FromPath, FromQuery, HeaderParameter
 from litestar.response import ServerSentEventMessage
 
+from app.auth import authority_of, read_token_headers
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
@@ -299,7 +300,17 @@ async def create_stream(request: Request, stream_id: FromPath[str]) -> Response[
     manager = manager_of(request)
     await manager.open(stream_id, origin=ORIGIN, **options)
     info = await manager.info(stream_id)
-    return Response(describe(info), status_code=201, headers={"Location": request.url.path})
+    headers = {"Location": request.url.path, **read_token_headers(request, stream_id)}
+    return Response(describe(info), status_code=201, headers=headers)
+
+
+@post("/{stream_id:str}/token", status_code=200)
+async def read_token(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
+    """A read token for this stream, to hand to a browser (EventSource takes it as ?token=)."""
+    await manager_of(request).info(stream_id)  # 404 for an unknown stream
+    authority = authority_of(request)
+    token = authority.issue(stream_id)
+    return {"token": token, "expires_in": authority.token_seconds}
 
 
 @get("/{stream_id:str}")
@@ -395,6 +406,7 @@ router = Router(
         fail_stream,
         close_stream,
         read_events,
+        read_token,
     ],
     exception_handlers={StreamError: stream_error_response},
 )

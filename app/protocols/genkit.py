@@ -25,6 +25,7 @@ from litestar import Request, Response, Router, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
+from app.auth import read_token_headers
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
@@ -94,11 +95,10 @@ def _error_response(error: StreamError) -> Response[bytes]:
     )
 
 
-def _wants_stream(request: Request[Any, Any, Any]) -> bool:
-    accept = request.headers.get("accept", "")
+def wants_stream(accept: str, flag: str | None) -> bool:
+    """Whether a request asks for frames: Accept with text/event-stream, or ?stream=true."""
     if "text/event-stream" in accept.lower():
         return True
-    flag = request.query_params.get("stream")
     if flag is None:
         return False
     if flag in TRUE_VALUES:
@@ -128,13 +128,16 @@ def _resume_cursor(request: Request[Any, Any, Any]) -> int:
 
 
 def _stream_response(
-    request: Request[Any, Any, Any], batches: AsyncIterator[list[Event]], stream_id: str
+    request: Request[Any, Any, Any],
+    batches: AsyncIterator[list[Event]],
+    stream_id: str,
+    headers: dict[str, str] | None = None,
 ) -> Stream:
     return Stream(
         closing_body(request, frames(batches)),
         media_type="text/event-stream",
         status_code=200,
-        headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id},
+        headers={**SSE_HEADERS, STREAM_ID_HEADER: stream_id, **(headers or {})},
     )
 
 
@@ -150,7 +153,9 @@ async def _reconnect(
     return _stream_response(request, batches, stream_id)
 
 
-async def _run_to_end(manager: StreamManager, stream_id: str) -> Response[Any]:
+async def _run_to_end(
+    manager: StreamManager, stream_id: str, headers: dict[str, str]
+) -> Response[Any]:
     events = await manager.subscribe(stream_id)
     async with contextlib.aclosing(events):  # type: ignore[type-var]
         async for event in events:
@@ -158,7 +163,7 @@ async def _run_to_end(manager: StreamManager, stream_id: str) -> Response[Any]:
                 return Response(
                     content=b'{"result":' + (_payload_json(event) or b"null") + b"}",
                     media_type="application/json",
-                    headers={STREAM_ID_HEADER: stream_id},
+                    headers={STREAM_ID_HEADER: stream_id, **headers},
                 )
             if event.is_terminal:
                 error = event.as_error() if event.kind is EventKind.ERROR else CLOSED_WITHOUT_RESULT
@@ -180,7 +185,9 @@ def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
         flow: Flow | None = registry.get(name)
         if flow is None:
             raise StreamError(Status.NOT_FOUND, f"no flow named {name!r}")
-        streaming = _wants_stream(request)
+        streaming = wants_stream(
+            request.headers.get("accept", ""), request.query_params.get("stream")
+        )
         data = _parse_input(await request.body())
         manager = manager_of(request)
         reconnect_id = request.headers.get(STREAM_ID_HEADER, "").strip()
@@ -188,8 +195,11 @@ def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
             return await _reconnect(request, manager, reconnect_id, _resume_cursor(request))
         runner: FlowRunner = runner_of(request)
         stream_id = await runner.start(flow, data)
+        # A new run's starter may hand its readers a token for this run only.
+        token = read_token_headers(request, stream_id)
         if not streaming:
-            return await _run_to_end(manager, stream_id)
-        return _stream_response(request, await manager.subscribe_batches(stream_id), stream_id)
+            return await _run_to_end(manager, stream_id, token)
+        batches = await manager.subscribe_batches(stream_id)
+        return _stream_response(request, batches, stream_id, token)
 
     return Router(path="/flows", route_handlers=[run_flow])

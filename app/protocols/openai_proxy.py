@@ -33,6 +33,7 @@ from litestar.params import FromPath, FromQuery
 from litestar.response import ServerSentEventMessage, Stream
 
 from app import __version__
+from app.auth import read_token_headers
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
@@ -413,10 +414,11 @@ async def replay(
     stream_id: str,
     api: Api,
     starting_after: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Stream:
     batches = await manager_of(request).subscribe_batches(stream_id)
     body = openai_body(stream_id, batches, api, starting_after, settings_of(request))
-    return sse_response(request, body)
+    return sse_response(request, body, headers)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -483,7 +485,8 @@ async def proxy(request: Request, api: Api) -> Response[Any]:  # type: ignore[ty
         raise run.stop_reason from None
     if isinstance(started, UpstreamReply):
         return started.response()
-    return await replay(request, started, api)
+    # The caller may hand its readers a token for this response's stream only.
+    return await replay(request, started, api, headers=read_token_headers(request, started))
 
 
 async def relay(client: httpx.AsyncClient, upstream: httpx.Request) -> Response[bytes]:
