@@ -25,6 +25,7 @@ from app.log.tasks import cancel_and_wait
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
 from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_lifespans, protocol_routers
+from app.protocols.openapi import openapi_config
 from app.protocols.ops import ops_router
 
 log = logging.getLogger("streamkeep")
@@ -225,6 +226,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             max_age=600,
         ),
         lifespan=[lifespan, *protocol_lifespans()],
+        openapi_config=openapi_config,
         state=State({"settings": settings, "metrics": metrics, "authority": authority}),
         # Logging is set up once by the command (app.observability), not by Litestar.
         logging_config=None,

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from litestar import Request, Response, Router, get, post, put
 from litestar.params import FromPath, FromQuery, HeaderParameter
@@ -33,6 +34,7 @@ from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
+from app.protocols.openapi import Error, errors
 from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
 log = logging.getLogger("streamkeep.events")
@@ -265,10 +267,13 @@ def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
 
 # -- handlers ----------------------------------------------------------------------------
 
+# What every failure of this API looks like (see stream_error_response).
+ERRORS = errors(Error, 400, 404, 409, 413, 429)
+
 LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
 
 
-@get("/")
+@get("/", responses=ERRORS)
 async def list_streams(
     request: Request,  # type: ignore[type-arg]
     limit: FromQuery[str | None] = None,
@@ -284,7 +289,7 @@ async def list_streams(
     return {"streams": [describe(info) for info in listed]}
 
 
-@put("/{stream_id:str}", status_code=201)
+@put("/{stream_id:str}", responses=ERRORS, status_code=201)
 async def create_stream(request: Request, stream_id: FromPath[str]) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
     """Create a stream of typed JSON events: {"ttl_seconds"?, "idle_timeout_seconds"?}."""
     body = object_body(
@@ -300,11 +305,13 @@ async def create_stream(request: Request, stream_id: FromPath[str]) -> Response[
     manager = manager_of(request)
     await manager.open(stream_id, origin=ORIGIN, **options)
     info = await manager.info(stream_id)
-    headers = {"Location": request.url.path, **read_token_headers(request, stream_id)}
+    # Percent-encoded: a header is latin-1, an id need not be.
+    location = quote(request.url.path, safe="/")
+    headers = {"Location": location, **read_token_headers(request, stream_id)}
     return Response(describe(info), status_code=201, headers=headers)
 
 
-@post("/{stream_id:str}/token", status_code=200)
+@post("/{stream_id:str}/token", responses=ERRORS, status_code=200)
 async def read_token(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """A read token for this stream, to hand to a browser (EventSource takes it as ?token=)."""
     await manager_of(request).info(stream_id)  # 404 for an unknown stream
@@ -313,12 +320,12 @@ async def read_token(request: Request, stream_id: FromPath[str]) -> dict[str, An
     return {"token": token, "expires_in": authority.token_seconds}
 
 
-@get("/{stream_id:str}")
+@get("/{stream_id:str}", responses=ERRORS)
 async def stream_info(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     return describe(await manager_of(request).info(stream_id))
 
 
-@post("/{stream_id:str}/events", status_code=200)
+@post("/{stream_id:str}/events", responses=ERRORS, status_code=200)
 async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """Append one event {"type"?, "data"} or a list of them, all or nothing."""
     events = new_events(await json_body(request, required=True))
@@ -326,7 +333,7 @@ async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str,
     return {"first_seq": committed[0].seq, "last_seq": committed[-1].seq}
 
 
-@post("/{stream_id:str}/done", status_code=200)
+@post("/{stream_id:str}/done", responses=ERRORS, status_code=200)
 async def finish_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with a result: {"output"?}."""
     body = object_body(await json_body(request, required=False), {"output"})
@@ -334,7 +341,7 @@ async def finish_stream(request: Request, stream_id: FromPath[str]) -> dict[str,
     return {"seq": event.seq, "status": "done"}
 
 
-@post("/{stream_id:str}/error", status_code=200)
+@post("/{stream_id:str}/error", responses=ERRORS, status_code=200)
 async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with an error: {"message", "status"? (a status name), "details"?}."""
     body = object_body(await json_body(request, required=True), {"message", "status", "details"})
@@ -350,7 +357,7 @@ async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, A
     return {"seq": event.seq, "status": "error"}
 
 
-@post("/{stream_id:str}/close", status_code=200)
+@post("/{stream_id:str}/close", responses=ERRORS, status_code=200)
 async def close_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream without a result; closing twice fails like any late write."""
     closed = AppendRequest(stream_id, [NewEvent.closed()], origin=ORIGIN)
@@ -358,7 +365,7 @@ async def close_stream(request: Request, stream_id: FromPath[str]) -> dict[str, 
     return {"seq": events[0].seq, "status": "closed"}
 
 
-@get("/{stream_id:str}/events", media_type="text/event-stream")
+@get("/{stream_id:str}/events", responses=ERRORS, media_type="text/event-stream")
 async def read_events(
     request: Request,  # type: ignore[type-arg]
     stream_id: FromPath[str],

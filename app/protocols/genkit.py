@@ -31,6 +31,7 @@ from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
 from app.log import Event, EventKind, StreamManager
 from app.protocols import closing_body, manager_of
+from app.protocols.openapi import ErrorEnvelope, JsonOrEventStream, errors
 
 log = logging.getLogger("streamkeep.genkit")
 
@@ -174,7 +175,12 @@ async def _run_to_end(
 def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
     """Routes for the flows of `registry`; `runner_of(request)` gives the FlowRunner."""
 
-    @post("/{name:str}", status_code=200)
+    @post(
+        "/{name:str}",
+        status_code=200,
+        responses=errors(ErrorEnvelope, 400, 404, 409),
+        operation_class=JsonOrEventStream,
+    )
     async def run_flow(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
         try:
             return await _handle(request, name)

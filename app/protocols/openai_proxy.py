@@ -40,6 +40,7 @@ from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
 from app.log.api import AppendRequest
 from app.protocols import manager_of
 from app.protocols.events import cursor_from, flag_from, settings_of
+from app.protocols.openapi import JsonOrEventStream, OpenAIErrorEnvelope, errors
 from app.protocols.runs import runs_of
 from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
 
@@ -501,17 +502,22 @@ async def relay(client: httpx.AsyncClient, upstream: httpx.Request) -> Response[
     return UpstreamReply(response.status_code, content_type, response.content).response()
 
 
-@post("/responses", status_code=200)
+# What every failure of this API looks like (see openai_error_response); a refusal by
+# the upstream is relayed as it is, in OpenAI's shape too.
+ERRORS = errors(OpenAIErrorEnvelope, 400, 404, 409)
+
+
+@post("/responses", status_code=200, responses=ERRORS, operation_class=JsonOrEventStream)
 async def create_response(request: Request) -> Response[Any]:  # type: ignore[type-arg]
     return await proxy(request, Api.RESPONSES)
 
 
-@post("/chat/completions", status_code=200)
+@post("/chat/completions", status_code=200, responses=ERRORS, operation_class=JsonOrEventStream)
 async def create_chat_completion(request: Request) -> Response[Any]:  # type: ignore[type-arg]
     return await proxy(request, Api.CHAT)
 
 
-@get("/responses/{response_id:str}")
+@get("/responses/{response_id:str}", responses=ERRORS, operation_class=JsonOrEventStream)
 async def retrieve_response(
     request: Request,  # type: ignore[type-arg]
     response_id: FromPath[str],
@@ -525,7 +531,7 @@ async def retrieve_response(
     return Response(await response_object(manager_of(request), response_id))
 
 
-@post("/responses/{response_id:str}/cancel", status_code=200)
+@post("/responses/{response_id:str}/cancel", status_code=200, responses=ERRORS)
 async def cancel_response(request: Request, response_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream as cancelled, and stop its upstream call if it runs here.
 

@@ -14,7 +14,7 @@ from app.migrate import head_revision
 from app.protocols import manager_of
 
 
-@get("/healthz", sync_to_thread=False)
+@get("/healthz", sync_to_thread=False, security=[{}])
 def healthz() -> dict[str, str]:
     """The process is alive (nothing else is checked)."""
     return {"status": "ok", "version": __version__}
@@ -43,7 +43,7 @@ async def readyz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     )
 
 
-@get("/metrics")
+@get("/metrics", media_type="text/plain")
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Prometheus metrics of this process."""
     manager = manager_of(request)
