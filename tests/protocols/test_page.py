@@ -38,8 +38,9 @@ pytestmark = [
 
 @pytest.fixture
 def server(live_server: ServerFactory, request: pytest.FixtureRequest) -> LiveServer:
-    """A server, under the path prefix given as the test's parameter, if any."""
-    return live_server(path_prefix=getattr(request, "param", ""))
+    """A server, under the path prefix given as the test's parameter (or with its settings)."""
+    param = getattr(request, "param", "")
+    return live_server(**param) if isinstance(param, dict) else live_server(path_prefix=param)
 
 
 @pytest.fixture
@@ -118,3 +119,36 @@ def test_try_it_starts_a_demo_flow_and_a_reload_midway_loses_and_repeats_nothing
     # The listing shows the demo's stream, finished.
     stream_id = page.evaluate("decodeURIComponent(location.hash.slice(1))")
     page.wait_for_selector(f'#streams li[data-id="{stream_id}"] .badge.done')
+
+
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "server",
+    [{"api_keys": f"{ADMIN_KEY}:admin", "token_secret": "t" * 32}],
+    indirect=True,
+    ids=["keys"],
+)
+def test_with_keys_the_page_follows_with_a_url_token_or_a_typed_key(
+    page: Page, server: LiveServer
+) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        key = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        created = http.put("/v1/streams/shared", headers=key)
+        token = created.headers["X-Streamkeep-Read-Token"]
+        events = [{"type": "text", "data": f"w{i} "} for i in range(5)]
+        assert http.post("/v1/streams/shared/events", json=events, headers=key).is_success
+        assert http.post("/v1/streams/shared/done", headers=key).is_success
+    # A read token in the URL: this stream, and no listing.
+    page.goto(f"{server.url}/?token={token}#shared")
+    assert wait_until_ended(page) == "done"
+    assert page_text(page) == "w0 w1 w2 w3 w4 "
+    page.wait_for_selector("#streams li:has-text('needs an admin key')")
+    # A typed key: the listing, and the demo flow followed with its run's token.
+    page.goto(server.url)
+    page.fill("#key", ADMIN_KEY)
+    page.click("#key-form button")
+    page.wait_for_selector('#streams li[data-id="shared"]')
+    page.click("#try")
+    assert wait_until_ended(page) == 'done: "countdown from 20 done"'
