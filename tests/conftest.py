@@ -12,6 +12,7 @@ from app.log import MemoryStore, StreamManager, create_manager
 from app.log.memory import MemoryNotifier
 from app.migrate import upgrade
 from tests.live import LiveServer
+from tests.protocols.fake_upstream import FakeUpstream
 from tests.support import (
     TEMPLATE_DB,
     FakeClock,
@@ -135,6 +136,14 @@ def live_server(database_url: str) -> Iterator[ServerFactory]:
     yield factory
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeUpstream]:
+    """A fake OpenAI-compatible server (tests/protocols/fake_upstream.py) on loopback."""
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture

@@ -117,13 +117,6 @@ def backend() -> str:
 
 
 @pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def server(live_server: ServerFactory, upstream: FakeUpstream) -> LiveServer:
     return live_server(api_keys=KEYS, token_secret=SECRET, upstream_url=upstream.url)
 

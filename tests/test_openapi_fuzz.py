@@ -8,7 +8,6 @@ declares for its status code and content type.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -40,13 +39,6 @@ schema = schemathesis.openapi.from_dict(
 def backend() -> str:
     """Only HTTP is fuzzed here: the in-memory log is enough."""
     return "memory"
-
-
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

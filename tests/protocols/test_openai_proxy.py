@@ -29,13 +29,6 @@ WAIT_LIMIT_SECONDS = 30
 
 
 @pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
-    fake = FakeUpstream().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
 def proxy(live_server: ServerFactory, upstream: FakeUpstream) -> LiveServer:
     return live_server(upstream_url=upstream.url, upstream_api_key=UPSTREAM_KEY)
 
