@@ -99,6 +99,7 @@ def stream_rule(access: Access, param: str, to_id: Callable[[str], str] = str) -
 def genkit_flow(facts: RequestFacts) -> Need:
     """POST /flows/{name}: a streaming request with X-Genkit-Stream-Id reconnects to
     (reads) that run's stream; anything else starts a new run (a write)."""
+    # Here, not at the top: the protocol modules import this one (read_token_headers).
     from app.protocols.genkit import STREAM_ID_HEADER, wants_stream
 
     reconnect_id = facts.headers.get(STREAM_ID_HEADER.lower(), "").strip()
