@@ -6,9 +6,15 @@ from typing import Any
 
 from app.errors import Status, StreamError
 from app.log.api import (
+    AppendRequest,
+    AppendResult,
     Event,
     EventKind,
+    ForkSpec,
     NewEvent,
+    Problem,
+    ProducerClaim,
+    ProducerState,
     StreamInfo,
     StreamStatus,
     SweepReport,
@@ -20,11 +26,17 @@ from app.log.sql import SqlStore
 from app.log.wakeup import PostgresListener, SqlitePoller
 
 __all__ = [
+    "AppendRequest",
+    "AppendResult",
     "Clock",
     "Event",
     "EventKind",
+    "ForkSpec",
     "MemoryStore",
     "NewEvent",
+    "Problem",
+    "ProducerClaim",
+    "ProducerState",
     "SqlStore",
     "Status",
     "StreamError",

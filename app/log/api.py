@@ -71,6 +71,11 @@ class NewEvent:
     type: str | None = None
 
     @classmethod
+    def raw(cls, payload: bytes) -> NewEvent:
+        """A chunk whose payload is stored as given (binary and text streams)."""
+        return cls(EventKind.CHUNK, payload)
+
+    @classmethod
     def chunk(cls, value: Any, type: str | None = None) -> NewEvent:
         return cls(EventKind.CHUNK, encode_json(value), type)
 
@@ -97,6 +102,9 @@ class Event:
     payload: bytes
     created_at: datetime
     type: str | None = None
+    # False for every event of a multi-event append but its last: readers that
+    # care (Durable Streams fork sub-offsets) can find the producer's batches.
+    batch_end: bool = True
 
     @property
     def is_terminal(self) -> bool:
@@ -120,7 +128,7 @@ class StreamInfo:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
-    ttl_seconds: int
+    ttl_seconds: int | None
     expires_at: datetime | None
     idle_timeout_seconds: int | None
     abandon_at: datetime | None
@@ -129,6 +137,21 @@ class StreamInfo:
     output: bytes | None = None
     error_status: str | None = None
     error_message: str | None = None
+    # Sliding retention: gone this long after the last read or write (None: off).
+    idle_ttl_seconds: int | None = None
+    # Absolute retention: gone at this time whatever happens (None: off).
+    hard_expires_at: datetime | None = None
+    # A fork reads events 1..fork_seq from `forked_from`; its own rows follow.
+    forked_from: str | None = None
+    fork_seq: int = 0
+    # Live forks reading this stream: while > 0 its rows are kept, even once it is gone.
+    fork_count: int = 0
+    # The last writer sequence token accepted (it must grow, compared byte-wise).
+    writer_seq: str | None = None
+    # The idempotent producer whose append ended the stream, if one did.
+    closed_by: str | None = None
+    # Owned by the protocol that created the stream; the log never looks inside.
+    attributes: dict[str, Any] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -137,13 +160,76 @@ class StreamInfo:
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
 
+    @property
+    def chunk_tail(self) -> int:
+        """The seq of the last event that is not the terminal one."""
+        return self.last_seq if self.is_open else self.last_seq - 1
+
+
+@dataclass(frozen=True, slots=True)
+class ForkSpec:
+    """Start a stream as a copy-on-write view of `source`'s events 1..`seq`."""
+
+    source: str
+    seq: int
+
 
 @dataclass(frozen=True, slots=True)
 class NewStream:
     id: str
     content_type: str = JSON_CONTENT_TYPE
-    ttl_seconds: int = 300
+    # How long a finished stream stays readable (None: until deleted or expired otherwise).
+    ttl_seconds: int | None = 300
     idle_timeout_seconds: int | None = 600
+    idle_ttl_seconds: int | None = None
+    hard_expires_at: datetime | None = None
+    fork: ForkSpec | None = None
+    attributes: dict[str, Any] | None = None
+    # Batches of events committed atomically with the creation (each batch is
+    # one append); the last event of the last batch may end the stream.
+    initial: tuple[tuple[NewEvent, ...], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerClaim:
+    """An idempotent producer's (id, epoch, seq) on one append."""
+
+    producer_id: str
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProducerState:
+    epoch: int
+    last_seq: int
+
+
+class Problem(StrEnum):
+    """Why the log refused a write, in StreamError.details["reason"]."""
+
+    NOT_FOUND = "not_found"
+    FINISHED = "finished"
+    NOT_ABANDONED = "not_abandoned"
+    STALE_EPOCH = "stale_epoch"
+    EPOCH_NEEDS_SEQ_ZERO = "epoch_needs_seq_zero"
+    SEQ_GAP = "seq_gap"
+    WRITER_SEQ_REGRESSION = "writer_seq_regression"
+    # Creating a fork:
+    SOURCE_RETIRED = "source_retired"
+    FORK_BEYOND_TAIL = "fork_beyond_tail"
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What one append did: its events, and the stream as it was left."""
+
+    events: list[Event]
+    last_seq: int
+    status: StreamStatus
+    # A producer's retry of an append the log already has: nothing was written.
+    duplicate: bool = False
+    producer: ProducerState | None = None
 
 
 @dataclass(slots=True)
@@ -160,6 +246,14 @@ class AppendRequest:
     abandoned_by: datetime | None = None
     # Who appends (a protocol's name), for the metrics.
     origin: str = "api"
+    # Idempotent producer: the log de-duplicates retries and fences stale epochs.
+    producer: ProducerClaim | None = None
+    # A token that must be greater (byte-wise) than the last one accepted.
+    writer_seq: str | None = None
+    # Run every check of this append, then fail with this error instead of
+    # writing: for a payload the protocol found bad, whose error ranks below
+    # the stream's own (closed, producer, sequence).
+    reject: StreamError | None = None
 
 
 @dataclass(slots=True)

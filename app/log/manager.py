@@ -21,6 +21,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -28,7 +29,9 @@ from app.errors import Status, StreamError, not_found, too_large
 from app.log.api import (
     JSON_CONTENT_TYPE,
     AppendRequest,
+    AppendResult,
     Event,
+    ForkSpec,
     LogStats,
     NewEvent,
     NewStream,
@@ -36,7 +39,7 @@ from app.log.api import (
     StreamStatus,
     SweepReport,
 )
-from app.log.store import StreamStore
+from app.log.store import StreamStore, renewed_expiry
 from app.log.tasks import cancel_and_wait
 
 log = logging.getLogger("streamkeep.log")
@@ -85,17 +88,20 @@ FailureSink = Callable[[StreamError], None]
 class _Pending:
     """A queued append; it reports to a future, or (pushed appends) only its failure."""
 
-    __slots__ = ("future", "on_failure", "request")
+    __slots__ = ("detailed", "future", "on_failure", "request")
 
     def __init__(
         self,
         request: AppendRequest,
-        future: asyncio.Future[list[Event]] | None,
+        future: asyncio.Future[Any] | None,
         on_failure: FailureSink | None = None,
+        detailed: bool = False,
     ) -> None:
         self.request = request
+        # Resolved with the AppendResult when detailed, else with its events.
         self.future = future
         self.on_failure = on_failure
+        self.detailed = detailed
 
     def fail(self, error: StreamError) -> None:
         if self.future is not None:
@@ -104,9 +110,9 @@ class _Pending:
         elif self.on_failure is not None:
             self.on_failure(error)
 
-    def succeed(self, events: list[Event]) -> None:
+    def succeed(self, outcome: AppendResult) -> None:
         if self.future is not None and not self.future.done():
-            self.future.set_result(events)
+            self.future.set_result(outcome if self.detailed else outcome.events)
 
 
 class _Committer:
@@ -126,9 +132,9 @@ class _Committer:
         self._settled = 0
         self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
-    def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
-        future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Pending(request, future))
+    def submit(self, request: AppendRequest, detailed: bool = False) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Pending(request, future, detailed=detailed))
         return future
 
     def push(self, request: AppendRequest, on_failure: FailureSink) -> None:
@@ -181,10 +187,10 @@ class _Committer:
                 stats.rejected_appends += 1
                 p.fail(outcome)
                 continue
-            committed.extend(outcome)
+            committed.extend(outcome.events)
             counts = origins.setdefault(p.request.origin, [0, 0])
             counts[0] += 1
-            counts[1] += sum(len(e.payload) for e in outcome)
+            counts[1] += sum(len(e.payload) for e in outcome.events)
             if p.future is not None:
                 p.succeed(outcome)
         for origin, (appends, payload_bytes) in origins.items():
@@ -501,6 +507,36 @@ class StreamManager:
         origin: str = "api",
     ) -> StreamWriter:
         """Create a stream and return its writer; an existing id raises ALREADY_EXISTS."""
+        await self.create(
+            stream_id,
+            content_type=content_type,
+            ttl_seconds=self.ttl_seconds if ttl_seconds is None else ttl_seconds,
+            idle_timeout_seconds=idle_timeout_seconds,
+        )
+        return StreamWriter(self, stream_id, origin)
+
+    async def create(
+        self,
+        stream_id: str,
+        *,
+        content_type: str = JSON_CONTENT_TYPE,
+        ttl_seconds: int | Literal["default"] | None = "default",
+        idle_timeout_seconds: int | Literal["default"] | None = "default",
+        idle_ttl_seconds: int | None = None,
+        expires_at: datetime | None = None,
+        fork: ForkSpec | None = None,
+        attributes: dict[str, Any] | None = None,
+        initial: tuple[tuple[NewEvent, ...], ...] = (),
+    ) -> StreamInfo:
+        """Create a stream, with its first events, in one transaction.
+
+        `ttl_seconds=None` keeps a finished stream until it is deleted or its
+        other retention ends; `idle_ttl_seconds` is a sliding retention renewed
+        by every read (`touch`) and write; `expires_at` an absolute one. A `fork`
+        starts as a view of its source's first events. An existing id raises
+        ALREADY_EXISTS; a fork raises NOT_FOUND, FAILED_PRECONDITION or
+        OUT_OF_RANGE for a missing, deleted or too short source.
+        """
         validate_stream_id(stream_id)
         if self.max_open_streams is not None:
             open_now = await self.count_open_streams()
@@ -509,20 +545,30 @@ class StreamManager:
                     Status.RESOURCE_EXHAUSTED,
                     f"{open_now} streams are open, the limit is {self.max_open_streams}",
                 )
-        if ttl_seconds is not None and ttl_seconds < 0:
-            raise StreamError(Status.INVALID_ARGUMENT, "ttl_seconds must not be negative")
+        for name, value in (("ttl_seconds", ttl_seconds), ("idle_ttl_seconds", idle_ttl_seconds)):
+            if isinstance(value, int) and value < 0:
+                raise StreamError(Status.INVALID_ARGUMENT, f"{name} must not be negative")
+        events = [e for batch in initial for e in batch]
+        if any(not batch for batch in initial) or any(e.kind.is_terminal for e in events[:-1]):
+            raise StreamError(
+                Status.INVALID_ARGUMENT, "initial batches must not be empty; only the last ends"
+            )
         spec = NewStream(
             id=stream_id,
             content_type=content_type,
-            ttl_seconds=self.ttl_seconds if ttl_seconds is None else ttl_seconds,
+            ttl_seconds=self.ttl_seconds if ttl_seconds == "default" else ttl_seconds,
             idle_timeout_seconds=(
                 self.idle_timeout_seconds
                 if idle_timeout_seconds == "default"
                 else idle_timeout_seconds
             ),
+            idle_ttl_seconds=idle_ttl_seconds,
+            hard_expires_at=expires_at,
+            fork=fork,
+            attributes=attributes,
+            initial=initial,
         )
-        await self.store.create(spec, self.clock())
-        return StreamWriter(self, stream_id, origin)
+        return await self.store.create(spec, self.clock())
 
     def writer(self, stream_id: str, origin: str = "api") -> StreamWriter:
         """A writer for a stream opened elsewhere (another request, another process)."""
@@ -531,7 +577,11 @@ class StreamManager:
 
     def submit(self, request: AppendRequest) -> asyncio.Future[list[Event]]:
         """Queue an append for the next group commit."""
-        if not request.events:
+        future: asyncio.Future[list[Event]] = self._queue(request, detailed=False)
+        return future
+
+    def _queue(self, request: AppendRequest, detailed: bool) -> asyncio.Future[Any]:
+        if not request.events and request.reject is None:
             raise StreamError(Status.INVALID_ARGUMENT, "an append needs at least one event")
         if any(e.kind.is_terminal for e in request.events[:-1]):
             raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
@@ -540,7 +590,7 @@ class StreamManager:
                 raise too_large("the event", len(event.payload), self.max_event_bytes)
         if self._committer is None:
             self._committer = _Committer(self, self._max_batch)
-        return self._committer.submit(request)
+        return self._committer.submit(request, detailed)
 
     def _push(self, request: AppendRequest, on_failure: FailureSink) -> None:
         if self._committer is None:
@@ -556,6 +606,16 @@ class StreamManager:
         """Append events to a stream atomically; returns them numbered."""
         return await self.submit(AppendRequest(stream_id, events))
 
+    async def apply(self, request: AppendRequest) -> AppendResult:
+        """Append with every option (producer, writer seq, reject) and a detailed result.
+
+        A producer's retry of an append already stored returns a result with
+        `duplicate` set and no events; refusals raise StreamError with a
+        `Problem` in details["reason"].
+        """
+        result: AppendResult = await self._queue(request, detailed=True)
+        return result
+
     # -- readers --------------------------------------------------------------
 
     async def info(self, stream_id: str) -> StreamInfo:
@@ -565,11 +625,66 @@ class StreamManager:
             raise not_found(stream_id)
         return info
 
-    async def read(self, stream_id: str, after: int = 0, limit: int | None = None) -> list[Event]:
-        """One page of events after the cursor; NOT_FOUND when the stream is gone."""
-        events = await self.store.read(stream_id, after, limit or self.page_size, self.clock())
-        if not events:
-            await self.info(stream_id)
+    async def find(self, stream_id: str) -> StreamInfo | None:
+        """The stream's row as stored, also when it is gone (expired, or deleted
+        but still read by forks: `fork_count` > 0); None when there is none."""
+        return await self.store.info(stream_id)
+
+    async def touch(self, info: StreamInfo) -> None:
+        """A read of the stream: renews its sliding retention, if it has one."""
+        renewed = renewed_expiry(info, self.clock())
+        if renewed is not None:
+            await self.store.renew(info.id, renewed, self.clock())
+
+    async def read(
+        self,
+        stream_id: str,
+        after: int = 0,
+        limit: int | None = None,
+        *,
+        info: StreamInfo | None = None,
+    ) -> list[Event]:
+        """One page of events after the cursor; NOT_FOUND when the stream is gone.
+
+        A fork's page may start with events it inherited from its source chain.
+        """
+        limit = limit or self.page_size
+        if info is not None and after < info.fork_seq:
+            return await self._read_through(info, after, limit)
+        events = await self.store.read(stream_id, after, limit, self.clock())
+        if events and events[0].seq == after + 1:
+            return events  # the usual case: one query
+        info = await self.info(stream_id)
+        if after < info.fork_seq:
+            return await self._read_through(info, after, limit)
+        return events
+
+    async def _read_through(self, info: StreamInfo, after: int, limit: int) -> list[Event]:
+        """A fork's events after `after`: inherited ones up to fork_seq, then its own."""
+        events: list[Event] = []
+        if after < info.fork_seq and info.forked_from is not None:
+            inherited = await self._inherited(info.forked_from, after, info.fork_seq, limit)
+            # Readers see the fork's events, whichever row holds them.
+            events = [replace(e, stream_id=info.id) for e in inherited]
+            after = events[-1].seq if events else info.fork_seq
+        if len(events) < limit and after >= info.fork_seq:
+            events += await self.store.read(info.id, after, limit - len(events), self.clock())
+        return events
+
+    async def _inherited(self, source_id: str, after: int, upto: int, limit: int) -> list[Event]:
+        # A fork holds a reference on its source, so the rows are there even
+        # when the source itself is gone.
+        source = await self.store.info(source_id)
+        if source is None:
+            raise StreamError(Status.DATA_LOSS, f"fork source {source_id!r} is missing")
+        events: list[Event] = []
+        if after < source.fork_seq and source.forked_from is not None:
+            events = await self._inherited(
+                source.forked_from, after, min(upto, source.fork_seq), limit
+            )
+            after = events[-1].seq if events else min(upto, source.fork_seq)
+        if len(events) < limit and after >= source.fork_seq and after < upto:
+            events += await self.store.read_range(source_id, after, upto, limit - len(events))
         return events
 
     async def subscribe(self, stream_id: str, after: int | None = None) -> AsyncIterator[Event]:
@@ -591,17 +706,16 @@ class StreamManager:
         """
         info = await self.info(stream_id)
         self._check_reader_capacity(stream_id)
-        return self._follow(stream_id, after or 0, info.last_seq)
+        return self._follow(info, after or 0)
 
-    async def _follow(
-        self, stream_id: str, cursor: int, known_last: int
-    ) -> AsyncIterator[list[Event]]:
-        tail = self._attach(stream_id, known_last)
+    async def _follow(self, info: StreamInfo, cursor: int) -> AsyncIterator[list[Event]]:
+        stream_id = info.id
+        tail = self._attach(stream_id, info.last_seq)
         try:
             while True:
                 events = tail.after(cursor)
                 if events is None:
-                    events = await self.store.read(stream_id, cursor, self.page_size, self.clock())
+                    events = await self.read(stream_id, cursor, info=info)
                     if not events:
                         raise not_found(stream_id)  # rows vanished below us: deleted
                     tail.offer(events)
@@ -746,7 +860,12 @@ class StreamManager:
     # -- retention --------------------------------------------------------------
 
     async def delete(self, stream_id: str) -> bool:
-        deleted = await self.store.delete(stream_id)
+        """Delete a live stream; False if there is none.
+
+        A stream that forks still read is only made gone (readers get NOT_FOUND,
+        `find` shows it with `fork_count` > 0) and is deleted with its last fork.
+        """
+        deleted = await self.store.delete(stream_id, self.clock())
         tail = self._tails.get(stream_id)
         if deleted and tail is not None:
             tail.mark_gone()

@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from app.errors import Status, StreamError
-from app.log.api import AppendRequest, Event, NewStream, StreamInfo, StreamStatus
+from app.log.api import AppendRequest, Event, NewStream, ProducerState, StreamInfo, StreamStatus
 from app.log.store import (
     AppendOutcome,
     already_exists,
     group_by_stream,
-    new_stream_info,
     plan_appends,
+    plan_create,
 )
 
 if TYPE_CHECKING:
@@ -30,7 +30,15 @@ if TYPE_CHECKING:
 @dataclass(slots=True)
 class _Stream:
     info: StreamInfo
+    # Its own events only: a fork's inherited ones live in its source.
     events: list[Event] = field(default_factory=list)
+    producers: dict[str, ProducerState] = field(default_factory=dict)
+
+    def own(self, after: int, upto: int, limit: int) -> list[Event]:
+        # Own events are numbered fork_seq + 1 .. last_seq, so seq n sits at n - fork_seq - 1.
+        base = self.info.fork_seq
+        start, stop = max(after - base, 0), max(upto - base, 0)
+        return self.events[start : min(stop, start + limit)]
 
 
 class MemoryStore:
@@ -49,10 +57,15 @@ class MemoryStore:
 
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
         existing = self._streams.get(spec.id)
-        if existing is not None and not existing.info.expired(now):
-            raise already_exists(spec.id)
-        info = new_stream_info(spec, now)
-        self._streams[spec.id] = _Stream(info)
+        if existing is not None:
+            if not existing.info.expired(now) or existing.info.fork_count > 0:
+                raise already_exists(spec.id)
+            self._drop(spec.id, now)
+        source = self._streams.get(spec.fork.source) if spec.fork else None
+        info, events = plan_create(spec, now, source.info if source else None)
+        if source is not None:
+            source.info = replace(source.info, fork_count=source.info.fork_count + 1)
+        self._streams[spec.id] = _Stream(info, events)
         return info
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
@@ -63,11 +76,16 @@ class MemoryStore:
         for stream_id, indexes in group_by_stream(requests).items():
             stream = self._streams.get(stream_id)
             plan, results = plan_appends(
-                stream_id, stream.info if stream else None, [requests[i] for i in indexes], now
+                stream_id,
+                stream.info if stream else None,
+                [requests[i] for i in indexes],
+                now,
+                stream.producers if stream else None,
             )
             if plan is not None and stream is not None:
                 stream.info = plan.info
                 stream.events.extend(plan.events)
+                stream.producers.update(plan.producers)
                 self._announce(stream_id, plan.info.last_seq)
             for i, result in zip(indexes, results, strict=True):
                 outcomes[i] = result
@@ -83,8 +101,11 @@ class MemoryStore:
         stream = self._streams.get(stream_id)
         if stream is None or stream.info.expired(now):
             return []
-        # Events are numbered 1..N, so seq n sits at index n - 1.
-        return stream.events[max(after, 0) : max(after, 0) + limit]
+        return stream.own(after, stream.info.last_seq, limit)
+
+    async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
+        stream = self._streams.get(stream_id)
+        return stream.own(after, upto, limit) if stream else []
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         stream = self._streams.get(stream_id)
@@ -103,6 +124,16 @@ class MemoryStore:
     async def ping(self) -> str | None:
         return "memory"
 
+    async def renew(self, stream_id: str, expires_at: datetime, now: datetime) -> bool:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.info.expired(now):
+            return False
+        current = stream.info.expires_at
+        if current is not None and current >= expires_at:
+            return False
+        stream.info = replace(stream.info, expires_at=expires_at)
+        return True
+
     async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
         found = [
             s.info.id
@@ -112,17 +143,43 @@ class MemoryStore:
         return sorted(found)[:limit]
 
     async def purge_expired(self, now: datetime, batch_size: int) -> tuple[int, int]:
-        expired = [s for s in self._streams.values() if s.info.expired(now)]
-        events = sum(len(s.events) for s in expired)
-        for s in expired:
-            del self._streams[s.info.id]
-        return len(expired), events
+        streams = events = 0
+        while purgeable := [
+            s for s in self._streams.values() if s.info.expired(now) and s.info.fork_count == 0
+        ]:
+            for stream in purgeable:
+                for dropped in self._drop(stream.info.id, now):
+                    streams, events = streams + 1, events + len(dropped.events)
+        return streams, events
 
-    async def delete(self, stream_id: str) -> bool:
-        deleted = self._streams.pop(stream_id, None) is not None
-        if deleted:
-            self._announce(stream_id, -1)
-        return deleted
+    async def delete(self, stream_id: str, now: datetime) -> bool:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        live = not stream.info.expired(now)
+        if stream.info.fork_count > 0:
+            # Its forks still read its events: gone for everyone else, kept for them.
+            if live:
+                stream.info = replace(stream.info, expires_at=now)
+                self._announce(stream_id, -1)
+            return live
+        self._drop(stream_id, now)
+        return live
+
+    def _drop(self, stream_id: str, now: datetime) -> list[_Stream]:
+        """Delete a stream, then its source if this was the last fork of a gone one."""
+        dropped: list[_Stream] = []
+        next_id: str | None = stream_id
+        while next_id is not None and (stream := self._streams.pop(next_id, None)) is not None:
+            dropped.append(stream)
+            self._announce(next_id, -1)
+            next_id = None
+            source = self._streams.get(stream.info.forked_from or "")
+            if source is not None:
+                source.info = replace(source.info, fork_count=source.info.fork_count - 1)
+                if source.info.fork_count == 0 and source.info.expired(now):
+                    next_id = source.info.id
+        return dropped
 
     @asynccontextmanager
     async def sweep_lock(self) -> AsyncIterator[bool]:

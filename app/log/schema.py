@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     text,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
@@ -72,8 +74,8 @@ streams = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime, nullable=True),
-    # How long a finished stream stays readable.
-    Column("ttl_seconds", Integer, nullable=False),
+    # How long a finished stream stays readable (null: until deleted or expired otherwise).
+    Column("ttl_seconds", Integer, nullable=True),
     # When the stream is gone for readers; the sweeper deletes it after that.
     Column("expires_at", UtcDateTime, nullable=True),
     # How long an open stream may go without a write before the sweeper ends it.
@@ -84,6 +86,21 @@ streams = Table(
     Column("output", LargeBinary, nullable=True),
     Column("error_status", Text, nullable=True),
     Column("error_message", Text, nullable=True),
+    # Sliding retention: gone this long after the last read or write.
+    Column("idle_ttl_seconds", Integer, nullable=True),
+    # Absolute retention: gone at this time whatever happens.
+    Column("hard_expires_at", UtcDateTime, nullable=True),
+    # A fork reads events 1..fork_seq of forked_from; its own rows follow.
+    Column("forked_from", Text, nullable=True),
+    Column("fork_seq", BigInteger, nullable=False, server_default=text("0")),
+    # Live forks reading this stream; its rows are kept while this is above 0.
+    Column("fork_count", Integer, nullable=False, server_default=text("0")),
+    # The last writer sequence token accepted (Durable Streams' Stream-Seq).
+    Column("writer_seq", Text, nullable=True),
+    # The idempotent producer whose append ended the stream.
+    Column("closed_by", Text, nullable=True),
+    # JSON owned by the protocol that created the stream.
+    Column("attributes", Text, nullable=True),
     PrimaryKeyConstraint("id"),
     CheckConstraint("status IN ('open', 'done', 'error', 'closed')", name="status_known"),
     CheckConstraint("last_seq >= 0", name="last_seq_nonneg"),
@@ -107,7 +124,22 @@ events = Table(
     Column("type", Text, nullable=True),
     Column("payload", LargeBinary, nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    # False on every event of a multi-event append but its last.
+    Column("batch_end", Boolean, nullable=False, server_default=true()),
     PrimaryKeyConstraint("stream_id", "seq"),
     CheckConstraint("kind IN ('chunk', 'done', 'error', 'closed')", name="kind_known"),
     CheckConstraint("seq > 0", name="seq_positive"),
+)
+
+# Idempotent producers: the last (epoch, seq) accepted from each producer of a
+# stream, written in the same transaction as the append it accepted.
+producers = Table(
+    "producers",
+    metadata,
+    Column("stream_id", Text, ForeignKey("streams.id", ondelete="CASCADE"), nullable=False),
+    Column("producer_id", Text, nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    PrimaryKeyConstraint("stream_id", "producer_id"),
 )

@@ -28,16 +28,24 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import Status, StreamError
-from app.log.api import AppendRequest, Event, EventKind, NewStream, StreamInfo, StreamStatus
+from app.log.api import (
+    AppendRequest,
+    Event,
+    EventKind,
+    NewStream,
+    ProducerState,
+    StreamInfo,
+    StreamStatus,
+)
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
-from app.log.schema import events, streams
+from app.log.schema import events, producers, streams
 from app.log.store import (
     AppendOutcome,
     StreamPlan,
     already_exists,
     group_by_stream,
-    new_stream_info,
     plan_appends,
+    plan_create,
 )
 
 NOTIFY_CHANNEL = "streamkeep"
@@ -141,37 +149,118 @@ class SqlStore:
     # -- writes ---------------------------------------------------------------
 
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
-        info = new_stream_info(spec, now)
         async with _translated(), self.writer.begin() as conn:
-            # An expired stream is gone for everyone already; its id is free again.
-            await conn.execute(
-                delete(streams).where(streams.c.id == spec.id, streams.c.expires_at <= now)
-            )
+            # An expired stream that no fork reads is gone for everyone; its id is free again.
+            await self._drop(conn, [spec.id], now, only_expired=True)
+            source = None
+            if spec.fork is not None:
+                locked = await self._lock_streams(conn, [spec.fork.source])
+                source = locked.get(spec.fork.source)
+            info, initial = plan_create(spec, now, source)
             inserted = await conn.execute(
                 self._insert_ignoring_conflict(_info_row(info)).returning(streams.c.id)
             )
             if inserted.first() is None:
                 raise already_exists(spec.id)
+            if source is not None:
+                await conn.execute(
+                    update(streams)
+                    .where(streams.c.id == source.id)
+                    .values(fork_count=streams.c.fork_count + 1)
+                )
+            if initial:
+                await self._insert_events(conn, initial)
         return info
+
+    async def _drop(
+        self, conn: AsyncConnection, ids: list[str], now: datetime, *, only_expired: bool
+    ) -> dict[str, int]:
+        """Delete streams no fork reads (events and producers follow by cascade), then
+        each source whose last fork this was, if it is gone. Returns the deleted
+        ids with the number of their own events."""
+        dropped: dict[str, int] = {}
+        while ids:
+            query = delete(streams).where(streams.c.id.in_(ids), streams.c.fork_count == 0)
+            if only_expired:
+                query = query.where(streams.c.expires_at <= now)
+            rows = (
+                await conn.execute(
+                    query.returning(
+                        streams.c.id, streams.c.forked_from, streams.c.last_seq, streams.c.fork_seq
+                    )
+                )
+            ).all()
+            dropped.update((row.id, row.last_seq - row.fork_seq) for row in rows)
+            sources = [row.forked_from for row in rows if row.forked_from is not None]
+            ids = await self._release(conn, sources, now)
+            only_expired = True
+        if dropped and self.dialect == "postgresql":
+            # seq -1 tells other processes' readers that the stream is gone.
+            for payload in _notify_payloads([(i, -1) for i in dropped]):
+                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+        return dropped
+
+    async def _release(self, conn: AsyncConnection, sources: list[str], now: datetime) -> list[str]:
+        """Drop one fork reference from each source; returns those now free to delete."""
+        freed: list[str] = []
+        for source in sources:
+            row = (
+                await conn.execute(
+                    update(streams)
+                    .where(streams.c.id == source)
+                    .values(fork_count=streams.c.fork_count - 1)
+                    .returning(streams.c.fork_count, streams.c.expires_at)
+                )
+            ).first()
+            gone = row is not None and row.expires_at is not None and row.expires_at <= now
+            if gone and row is not None and row.fork_count == 0:
+                freed.append(source)
+        return freed
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
         groups = group_by_stream(requests)
         outcomes: list[AppendOutcome | None] = [None] * len(requests)
         async with _translated(), self.writer.begin() as conn:
             current = await self._lock_streams(conn, sorted(groups))
+            known = await self._load_producers(conn, requests)
             plans: list[StreamPlan] = []
             for stream_id in sorted(groups):
                 indexes = groups[stream_id]
                 plan, results = plan_appends(
-                    stream_id, current.get(stream_id), [requests[i] for i in indexes], now
+                    stream_id,
+                    current.get(stream_id),
+                    [requests[i] for i in indexes],
+                    now,
+                    known.get(stream_id),
                 )
                 if plan is not None:
                     plans.append(plan)
                 for i, result in zip(indexes, results, strict=True):
                     outcomes[i] = result
             if plans:
-                await self._write_plans(conn, plans)
+                await self._write_plans(conn, plans, now)
         return [o for o in outcomes if o is not None]
+
+    async def _load_producers(
+        self, conn: AsyncConnection, requests: Sequence[AppendRequest]
+    ) -> dict[str, dict[str, ProducerState]]:
+        """The stored state of the producers named in `requests`, by stream.
+
+        One query per batch, and none for the usual batch without producers.
+        """
+        claims = {(r.stream_id, r.producer.producer_id) for r in requests if r.producer}
+        if not claims:
+            return {}
+        query = select(producers).where(
+            producers.c.stream_id.in_({s for s, _ in claims}),
+            producers.c.producer_id.in_({p for _, p in claims}),
+        )
+        found: dict[str, dict[str, ProducerState]] = {}
+        for row in await conn.execute(query):
+            if (row.stream_id, row.producer_id) in claims:
+                state = ProducerState(row.epoch, row.last_seq)
+                found.setdefault(row.stream_id, {})[row.producer_id] = state
+        return found
 
     async def _lock_streams(self, conn: AsyncConnection, ids: list[str]) -> dict[str, StreamInfo]:
         # ORDER BY id makes every transaction lock rows in the same order, so two
@@ -182,30 +271,58 @@ class SqlStore:
         rows = await conn.execute(query)
         return {row.id: _row_info(row) for row in rows}
 
-    async def _write_plans(self, conn: AsyncConnection, plans: list[StreamPlan]) -> None:
+    async def _write_plans(
+        self, conn: AsyncConnection, plans: list[StreamPlan], now: datetime
+    ) -> None:
         await conn.execute(
             update(streams).where(streams.c.id == bindparam("_id")),
             [_update_params(plan.info) for plan in plans],
         )
-        # The hottest statement goes to the driver itself (aiosqlite or asyncpg), in
-        # this same transaction, with one timestamp for the whole batch: SQLAlchemy's
-        # per-row parameter handling cost more than SQLite's own work.
-        created = self._sql.bind_time(plans[0].events[0].created_at)
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.executemany(  # type: ignore[union-attr]
-            self._sql.insert_events,
-            [
-                (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created)
-                for plan in plans
-                for e in plan.events
-            ],
-        )
+        await self._insert_events(conn, [e for plan in plans for e in plan.events])
+        states = [
+            {"stream_id": p.info.id, "producer_id": pid, "epoch": s.epoch, "last_seq": s.last_seq}
+            for p in plans
+            for pid, s in p.producers.items()
+        ]
+        if states:
+            await self._upsert_producers(conn, states, now)
         if self.dialect == "postgresql":
             # Delivered at COMMIT and dropped on rollback, so a wake-up never
             # announces rows that do not exist. One NOTIFY per transaction, not
             # per event: notifying commits are serialised cluster-wide.
             for payload in _notify_payloads([(p.info.id, p.info.last_seq) for p in plans]):
                 await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+
+    async def _insert_events(self, conn: AsyncConnection, new: list[Event]) -> None:
+        # The hottest statement goes to the driver itself (aiosqlite or asyncpg), in
+        # this same transaction, with one timestamp for the whole batch: SQLAlchemy's
+        # per-row parameter handling cost more than SQLite's own work.
+        created = self._sql.bind_time(new[0].created_at)
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.executemany(  # type: ignore[union-attr]
+            self._sql.insert_events,
+            [
+                (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created, e.batch_end)
+                for e in new
+            ],
+        )
+
+    async def _upsert_producers(
+        self, conn: AsyncConnection, states: list[dict[str, Any]], now: datetime
+    ) -> None:
+        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        stmt = insert(producers).values(updated_at=now)
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["stream_id", "producer_id"],
+                set_={
+                    "epoch": stmt.excluded.epoch,
+                    "last_seq": stmt.excluded.last_seq,
+                    "updated_at": stmt.excluded.updated_at,
+                },
+            ),
+            states,
+        )
 
     def _insert_ignoring_conflict(self, row: dict[str, Any]) -> Any:
         if self.dialect == "postgresql":
@@ -223,10 +340,24 @@ class SqlStore:
                 sql.read_events,
                 (stream_id, after, sql.bind_time(now), limit),
             )
-        kinds, parse_time = _KINDS, sql.time_parser()
+        return self._events(stream_id, rows)
+
+    async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
+        sql = self._sql
+        async with _translated(), self.reader.connect() as conn:
+            raw = await conn.get_raw_connection()
+            rows = await sql.fetch(
+                raw.driver_connection, sql.read_range, (stream_id, after, upto, limit)
+            )
+        return self._events(stream_id, rows)
+
+    def _events(self, stream_id: str, rows: Sequence[Any]) -> list[Event]:
+        kinds, parse_time = _KINDS, self._sql.time_parser()
         return [
-            Event(stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_)
-            for seq, kind, type_, payload, created in rows
+            Event(
+                stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_, bool(end)
+            )
+            for seq, kind, type_, payload, created, end in rows
         ]
 
     async def info(self, stream_id: str) -> StreamInfo | None:
@@ -260,6 +391,19 @@ class SqlStore:
             revision = await conn.execute(text("SELECT version_num FROM alembic_version"))
             return revision.scalar()
 
+    async def renew(self, stream_id: str, expires_at: datetime, now: datetime) -> bool:
+        async with _translated(), self.writer.begin() as conn:
+            result = await conn.execute(
+                update(streams)
+                .where(
+                    streams.c.id == stream_id,
+                    streams.c.expires_at > now,
+                    streams.c.expires_at < expires_at,
+                )
+                .values(expires_at=expires_at)
+            )
+            return bool(result.rowcount)
+
     # -- retention ------------------------------------------------------------
 
     async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
@@ -284,8 +428,8 @@ class SqlStore:
             async with _translated(), self.reader.connect() as conn:
                 expired = (
                     await conn.execute(
-                        select(streams.c.id, streams.c.last_seq)
-                        .where(streams.c.expires_at <= now)
+                        select(streams.c.id, streams.c.fork_seq, streams.c.last_seq)
+                        .where(streams.c.expires_at <= now, streams.c.fork_count == 0)
                         .order_by(streams.c.expires_at)
                         .limit(batch_size)
                     )
@@ -294,11 +438,11 @@ class SqlStore:
                 return deleted_streams, deleted_events
             # stream id -> events it still holds (a large one loses them in ranges first)
             group: dict[str, int] = {}
-            for stream_id, last_seq in expired:
-                remaining = last_seq
-                if last_seq > batch_size:
+            for stream_id, fork_seq, last_seq in expired:
+                remaining = last_seq - fork_seq  # a fork's inherited events are not its rows
+                if remaining > batch_size:
                     deleted_events += await self._delete_event_ranges(
-                        stream_id, last_seq, now, batch_size
+                        stream_id, fork_seq, last_seq, now, batch_size
                     )
                     remaining = 0
                 if group and sum(group.values()) + remaining > batch_size:
@@ -310,11 +454,13 @@ class SqlStore:
             deleted_streams, deleted_events = deleted_streams + s, deleted_events + e
 
     async def _delete_event_ranges(
-        self, stream_id: str, last_seq: int, now: datetime, batch_size: int
+        self, stream_id: str, first_seq: int, last_seq: int, now: datetime, batch_size: int
     ) -> int:
-        still_expired = exists().where(streams.c.id == stream_id, streams.c.expires_at <= now)
+        still_expired = exists().where(
+            streams.c.id == stream_id, streams.c.expires_at <= now, streams.c.fork_count == 0
+        )
         deleted = 0
-        for upper in range(batch_size, last_seq + batch_size, batch_size):
+        for upper in range(first_seq + batch_size, last_seq + batch_size, batch_size):
             async with _translated(), self.writer.begin() as conn:
                 # The EXISTS guard: if the id was re-created meanwhile, the new
                 # stream's events are not ours to delete.
@@ -331,27 +477,27 @@ class SqlStore:
 
     async def _delete_streams(self, remaining: dict[str, int], now: datetime) -> tuple[int, int]:
         async with _translated(), self.writer.begin() as conn:
-            deleted = (
-                (
-                    await conn.execute(
-                        delete(streams)
-                        .where(streams.c.id.in_(list(remaining)), streams.c.expires_at <= now)
-                        .returning(streams.c.id)
-                    )
-                )
-                .scalars()
-                .all()
-            )
-        return len(deleted), sum(remaining[i] for i in deleted)
+            deleted = await self._drop(conn, list(remaining), now, only_expired=True)
+        # A source freed by these deletions went with them, all its rows at once.
+        return len(deleted), sum(remaining.get(i, count) for i, count in deleted.items())
 
-    async def delete(self, stream_id: str) -> bool:
+    async def delete(self, stream_id: str, now: datetime) -> bool:
         async with _translated(), self.writer.begin() as conn:
-            result = await conn.execute(delete(streams).where(streams.c.id == stream_id))
-            if result.rowcount and self.dialect == "postgresql":
-                # seq -1 tells other processes' readers that the stream is gone.
-                payload = json.dumps([[stream_id, -1]])
-                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
-            return bool(result.rowcount)
+            row = (await self._lock_streams(conn, [stream_id])).get(stream_id)
+            if row is None:
+                return False
+            live = not row.expired(now)
+            if row.fork_count == 0:
+                await self._drop(conn, [stream_id], now, only_expired=False)
+            elif live:
+                # Its forks still read its events: gone for everyone else, kept for them.
+                await conn.execute(
+                    update(streams).where(streams.c.id == stream_id).values(expires_at=now)
+                )
+                if self.dialect == "postgresql":
+                    payload = json.dumps([[stream_id, -1]])
+                    await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
+            return live
 
     @asynccontextmanager
     async def sweep_lock(self) -> AsyncIterator[bool]:
@@ -388,16 +534,22 @@ class HotSql:
     def __init__(self, placeholders: list[str], text_times: bool) -> None:
         p = placeholders
         self.insert_events = (
-            "INSERT INTO events (stream_id, seq, kind, type, payload, created_at) "
-            f"VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}, {p[4]}, {p[5]})"
+            "INSERT INTO events (stream_id, seq, kind, type, payload, created_at, batch_end) "
+            f"VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}, {p[4]}, {p[5]}, {p[6]})"
         )
         # The join makes an expired stream read as gone before the sweeper deletes it.
         self.read_events = (
-            "SELECT e.seq, e.kind, e.type, e.payload, e.created_at FROM events e "
+            "SELECT e.seq, e.kind, e.type, e.payload, e.created_at, e.batch_end FROM events e "
             "JOIN streams s ON s.id = e.stream_id "
             f"WHERE e.stream_id = {p[0]} AND e.seq > {p[1]} "
             f"AND (s.expires_at IS NULL OR s.expires_at > {p[2]}) "
             f"ORDER BY e.seq LIMIT {p[3]}"
+        )
+        # What a fork inherited: its source may be gone, its rows are kept for the fork.
+        self.read_range = (
+            "SELECT seq, kind, type, payload, created_at, batch_end FROM events "
+            f"WHERE stream_id = {p[0]} AND seq > {p[1]} AND seq <= {p[2]} "
+            f"ORDER BY seq LIMIT {p[3]}"
         )
         self._text_times = text_times
 
@@ -436,8 +588,8 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-SQLITE_HOT_SQL = HotSql(["?"] * 6, text_times=True)
-POSTGRES_HOT_SQL = HotSql([f"${i}" for i in range(1, 7)], text_times=False)
+SQLITE_HOT_SQL = HotSql(["?"] * 7, text_times=True)
+POSTGRES_HOT_SQL = HotSql([f"${i}" for i in range(1, 8)], text_times=False)
 
 
 def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
@@ -477,6 +629,14 @@ def _row_info(row: Row[Any]) -> StreamInfo:
         output=bytes(m["output"]) if m["output"] is not None else None,
         error_status=m["error_status"],
         error_message=m["error_message"],
+        idle_ttl_seconds=m["idle_ttl_seconds"],
+        hard_expires_at=m["hard_expires_at"],
+        forked_from=m["forked_from"],
+        fork_seq=m["fork_seq"],
+        fork_count=m["fork_count"],
+        writer_seq=m["writer_seq"],
+        closed_by=m["closed_by"],
+        attributes=json.loads(m["attributes"]) if m["attributes"] is not None else None,
     )
 
 
@@ -497,12 +657,32 @@ def _info_row(info: StreamInfo) -> dict[str, Any]:
         "output": info.output,
         "error_status": info.error_status,
         "error_message": info.error_message,
+        "idle_ttl_seconds": info.idle_ttl_seconds,
+        "hard_expires_at": info.hard_expires_at,
+        "forked_from": info.forked_from,
+        "fork_seq": info.fork_seq,
+        "fork_count": info.fork_count,
+        "writer_seq": info.writer_seq,
+        "closed_by": info.closed_by,
+        "attributes": json.dumps(info.attributes) if info.attributes is not None else None,
     }
 
 
 def _update_params(info: StreamInfo) -> dict[str, Any]:
     row = _info_row(info)
     row["_id"] = row.pop("id")
-    for unchanged in ("content_type", "created_at", "ttl_seconds", "idle_timeout_seconds"):
+    # Set at creation only; fork_count is changed by fork creation and deletion alone.
+    for unchanged in (
+        "content_type",
+        "created_at",
+        "ttl_seconds",
+        "idle_timeout_seconds",
+        "idle_ttl_seconds",
+        "hard_expires_at",
+        "forked_from",
+        "fork_seq",
+        "fork_count",
+        "attributes",
+    ):
         del row[unchanged]
     return row

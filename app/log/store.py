@@ -8,24 +8,29 @@ SQL store cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from app.errors import Status, StreamError, not_found
 from app.log.api import (
     STATUS_AFTER,
     AppendRequest,
+    AppendResult,
     Event,
     EventKind,
+    ForkSpec,
     NewStream,
+    Problem,
+    ProducerClaim,
+    ProducerState,
     StreamInfo,
     StreamStatus,
 )
 
-AppendOutcome = list[Event] | StreamError
+AppendOutcome = AppendResult | StreamError
 
 
 class StreamStore(Protocol):
@@ -34,9 +39,11 @@ class StreamStore(Protocol):
     name: str
 
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
-        """Insert a stream; an expired one with the same id is replaced.
+        """Insert a stream with its initial events; an expired one with the same id is replaced.
 
-        Raises ALREADY_EXISTS if a live stream has that id.
+        Raises ALREADY_EXISTS if a live stream has that id, or a gone one that
+        live forks still read. A fork takes a reference on its source in the
+        same transaction (see `plan_create` for the rules).
         """
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
@@ -44,11 +51,17 @@ class StreamStore(Protocol):
 
         A request that breaks a rule gets a StreamError in its slot and changes
         nothing; the others still commit. A storage failure raises and commits
-        nothing.
+        nothing. Producer state is read and written in the same transaction.
         """
 
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
-        """Up to `limit` events with seq > `after`; none if the stream is gone or expired."""
+        """Up to `limit` of the stream's own events with seq > `after`;
+        none if the stream is gone or expired. A fork's inherited events are
+        not its own: see `read_range`."""
+
+    async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
+        """Own events after `after` and up to `upto`, gone or not: how a fork
+        reads what it inherited (its source's rows are kept while it lives)."""
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         """The stream's row, expired or not."""
@@ -64,14 +77,20 @@ class StreamStore(Protocol):
     async def ping(self) -> str | None:
         """Raises if the database is unreachable; returns its schema revision."""
 
+    async def renew(self, stream_id: str, expires_at: datetime, now: datetime) -> bool:
+        """Move a live stream's expiry forward to `expires_at` (never back)."""
+
     async def find_abandoned(self, now: datetime, limit: int) -> list[str]:
         """Open streams whose producer has been silent past their abandon deadline."""
 
     async def purge_expired(self, now: datetime, batch_size: int) -> tuple[int, int]:
-        """Delete expired streams in bounded transactions; returns (streams, events)."""
+        """Delete expired streams that no fork reads, in bounded transactions;
+        returns (streams, events)."""
 
-    async def delete(self, stream_id: str) -> bool:
-        """Delete a stream and its events at once."""
+    async def delete(self, stream_id: str, now: datetime) -> bool:
+        """Delete a stream and its events at once; one that live forks read
+        is only made gone (expired now) and deleted with its last fork.
+        False if there was no live stream."""
 
     def sweep_lock(self) -> AbstractAsyncContextManager[bool]:
         """Held for a sweep pass; yields False when another process is sweeping."""
@@ -81,10 +100,16 @@ class StreamStore(Protocol):
 
 @dataclass(slots=True)
 class StreamPlan:
-    """What a batch of appends does to one stream: the new row and the new events."""
+    """What a batch of appends does to one stream: the new row, the new events,
+    and the producer states that changed."""
 
     info: StreamInfo
     events: list[Event]
+    producers: dict[str, ProducerState] = field(default_factory=dict)
+
+
+def refusal(status: Status, problem: Problem, message: str, **details: Any) -> StreamError:
+    return StreamError(status, message, {"reason": str(problem), **details})
 
 
 def plan_appends(
@@ -92,9 +117,11 @@ def plan_appends(
     info: StreamInfo | None,
     requests: Sequence[AppendRequest],
     now: datetime,
+    producers: Mapping[str, ProducerState] | None = None,
 ) -> tuple[StreamPlan | None, list[AppendOutcome]]:
     """Number the events of `requests` (all for one stream) and compute the new row.
 
+    `producers` holds the stored state of the producers these requests name.
     Returns no plan when nothing is appended.
     """
     if info is None or info.expired(now):
@@ -103,61 +130,181 @@ def plan_appends(
     new_events: list[Event] = []
     # Only what the rule checks need is tracked per request; the row itself is
     # computed once, from the last event (this runs for every event appended).
-    last_seq, status, abandon_at = info.last_seq, info.status, info.abandon_at
-    idle = info.idle_timeout_seconds
-    abandon_after_write = now + timedelta(seconds=idle) if idle is not None else None
-    open_ = StreamStatus.OPEN
+    state = _RunningState(info, dict(producers or {}), now)
     for request in requests:
-        if status is not open_ or request.abandoned_by is not None:
-            problem = _check_request(info.id, status, abandon_at, request)
-            if problem is not None:
-                outcomes.append(problem)
-                continue
-        if len(request.events) == 1:  # the usual case, without a loop
-            e = request.events[0]
-            last_seq += 1
-            committed = [Event(stream_id, last_seq, e.kind, e.payload, now, e.type)]
-        else:
-            committed = [
-                Event(stream_id, last_seq + i, e.kind, e.payload, now, e.type)
-                for i, e in enumerate(request.events, start=1)
-            ]
-            last_seq = committed[-1].seq
-        new_events.extend(committed)
-        outcomes.append(committed)
-        if committed[-1].kind is not EventKind.CHUNK:
-            status = STATUS_AFTER[committed[-1].kind]
-        abandon_at = abandon_after_write
+        outcome = state.apply(request, now)
+        outcomes.append(outcome)
+        if isinstance(outcome, AppendResult) and outcome.events:
+            new_events.extend(outcome.events)
     if not new_events:
         return None, outcomes
-    return StreamPlan(_advance(info, new_events, now), new_events), outcomes
+    plan = StreamPlan(_advance(state.row(), new_events, now), new_events, state.changed)
+    return plan, outcomes
 
 
-def _check_request(
-    stream_id: str, status: StreamStatus, abandon_at: datetime | None, request: AppendRequest
-) -> StreamError | None:
-    if status is not StreamStatus.OPEN:
-        return StreamError(
+class _RunningState:
+    """The stream as the requests of one batch see it, one after the other."""
+
+    def __init__(
+        self, info: StreamInfo, producers: dict[str, ProducerState], now: datetime
+    ) -> None:
+        self.info = info
+        idle = info.idle_timeout_seconds
+        # Once per batch, not per event: every write moves the deadline to the same time.
+        self.abandon_after_write = now + timedelta(seconds=idle) if idle is not None else None
+        self.last_seq, self.status, self.abandon_at = info.last_seq, info.status, info.abandon_at
+        self.writer_seq, self.closed_by = info.writer_seq, info.closed_by
+        self.producers = producers
+        self.changed: dict[str, ProducerState] = {}
+
+    def row(self) -> StreamInfo:
+        return replace(self.info, writer_seq=self.writer_seq, closed_by=self.closed_by)
+
+    def apply(self, request: AppendRequest, now: datetime) -> AppendOutcome:
+        claim = request.producer
+        known = self.producers.get(claim.producer_id) if claim else None
+        if self.status is not StreamStatus.OPEN:
+            return self._after_end(claim, known)
+        if request.abandoned_by is not None and (
+            self.abandon_at is None or self.abandon_at > request.abandoned_by
+        ):
+            return refusal(
+                Status.FAILED_PRECONDITION,
+                Problem.NOT_ABANDONED,
+                f"stream {self.info.id!r} is not abandoned",
+            )
+        accepted: ProducerState | None = None
+        if claim is not None:
+            verdict = check_producer(claim, known)
+            if not isinstance(verdict, ProducerState):
+                return verdict
+            if verdict == known:  # an append the log already has
+                return self._result([], duplicate=True, producer=known)
+            accepted = verdict
+        # Python orders str by code point, which is UTF-8's byte order.
+        seq, last = request.writer_seq, self.writer_seq
+        if seq is not None and last is not None and seq <= last:
+            return refusal(
+                Status.ABORTED,
+                Problem.WRITER_SEQ_REGRESSION,
+                f"writer sequence {request.writer_seq!r} is not after {self.writer_seq!r}",
+            )
+        if request.reject is not None:
+            return request.reject
+        return self._append(request, accepted, now)
+
+    def _after_end(self, claim: ProducerClaim | None, known: ProducerState | None) -> AppendOutcome:
+        if claim is not None and known is not None:
+            if self.closed_by == claim.producer_id and (claim.epoch, claim.seq) == (
+                known.epoch,
+                known.last_seq,
+            ):
+                return self._result([], duplicate=True, producer=known)
+            if claim.epoch < known.epoch:
+                return _stale_epoch(known)
+        return refusal(
             Status.FAILED_PRECONDITION,
-            f"stream {stream_id!r} is already {status}; nothing can be appended",
+            Problem.FINISHED,
+            f"stream {self.info.id!r} is already {self.status}; nothing can be appended",
+            last_seq=self.last_seq,
         )
-    if request.abandoned_by is not None and (
-        abandon_at is None or abandon_at > request.abandoned_by
-    ):
-        return StreamError(Status.FAILED_PRECONDITION, f"stream {stream_id!r} is not abandoned")
-    return None
+
+    def _append(
+        self, request: AppendRequest, accepted: ProducerState | None, now: datetime
+    ) -> AppendResult:
+        stream_id, events = self.info.id, request.events
+        if len(events) == 1:  # the usual case, without a loop
+            e = events[0]
+            self.last_seq += 1
+            committed = [Event(stream_id, self.last_seq, e.kind, e.payload, now, e.type)]
+        else:
+            last = len(events)
+            committed = [
+                Event(stream_id, self.last_seq + i, e.kind, e.payload, now, e.type, i == last)
+                for i, e in enumerate(events, start=1)
+            ]
+            self.last_seq = committed[-1].seq
+        final = committed[-1].kind
+        if final is not EventKind.CHUNK:
+            self.status = STATUS_AFTER[final]
+            if request.producer is not None:
+                self.closed_by = request.producer.producer_id
+        self.abandon_at = self.abandon_after_write
+        if request.writer_seq is not None:
+            self.writer_seq = request.writer_seq
+        if request.producer is not None and accepted is not None:
+            self.producers[request.producer.producer_id] = accepted
+            self.changed[request.producer.producer_id] = accepted
+        return self._result(committed, producer=accepted)
+
+    def _result(
+        self, events: list[Event], *, duplicate: bool = False, producer: ProducerState | None
+    ) -> AppendResult:
+        return AppendResult(events, self.last_seq, self.status, duplicate, producer)
+
+
+def check_producer(
+    claim: ProducerClaim, known: ProducerState | None
+) -> ProducerState | StreamError:
+    """The producer's state after this append, or why it is refused.
+
+    Returning `known` unchanged means: a retry of an append already stored.
+    """
+    if known is None:
+        return ProducerState(claim.epoch, 0) if claim.seq == 0 else _seq_gap(claim, 0)
+    if claim.epoch > known.epoch:
+        if claim.seq != 0:
+            return refusal(
+                Status.INVALID_ARGUMENT,
+                Problem.EPOCH_NEEDS_SEQ_ZERO,
+                f"a new epoch ({claim.epoch}) must start at seq 0",
+            )
+        return ProducerState(claim.epoch, 0)
+    if claim.epoch < known.epoch:
+        return _stale_epoch(known)
+    if claim.seq <= known.last_seq:
+        return known
+    if claim.seq == known.last_seq + 1:
+        return ProducerState(known.epoch, claim.seq)
+    return _seq_gap(claim, known.last_seq + 1)
+
+
+def _stale_epoch(known: ProducerState) -> StreamError:
+    return refusal(
+        Status.PERMISSION_DENIED,
+        Problem.STALE_EPOCH,
+        f"a newer epoch ({known.epoch}) of this producer is writing",
+        epoch=known.epoch,
+    )
+
+
+def _seq_gap(claim: ProducerClaim, expected: int) -> StreamError:
+    return refusal(
+        Status.ABORTED,
+        Problem.SEQ_GAP,
+        f"producer seq {claim.seq} is not the next one ({expected})",
+        expected=expected,
+        received=claim.seq,
+    )
+
+
+def expiry(info: StreamInfo, accessed_at: datetime) -> datetime | None:
+    """When the stream is gone: the earliest of its retention limits, if any."""
+    limits: list[datetime] = []
+    if info.hard_expires_at is not None:
+        limits.append(info.hard_expires_at)
+    if info.idle_ttl_seconds is not None:
+        limits.append(accessed_at + timedelta(seconds=info.idle_ttl_seconds))
+    if info.finished_at is not None and info.ttl_seconds is not None:
+        limits.append(info.finished_at + timedelta(seconds=info.ttl_seconds))
+    return min(limits, default=None)
 
 
 def _advance(info: StreamInfo, events: list[Event], now: datetime) -> StreamInfo:
     last = events[-1]
     changes: dict[str, object] = {"last_seq": last.seq, "updated_at": now, "last_write_at": now}
     if last.kind.is_terminal:
-        changes.update(
-            status=STATUS_AFTER[last.kind],
-            finished_at=now,
-            expires_at=now + timedelta(seconds=info.ttl_seconds),
-            abandon_at=None,
-        )
+        changes.update(status=STATUS_AFTER[last.kind], finished_at=now, abandon_at=None)
         if last.kind is EventKind.DONE:
             changes["output"] = last.payload
         elif last.kind is EventKind.ERROR:
@@ -165,16 +312,29 @@ def _advance(info: StreamInfo, events: list[Event], now: datetime) -> StreamInfo
             changes.update(error_status=str(err.status), error_message=err.message)
     elif info.idle_timeout_seconds is not None:
         changes["abandon_at"] = now + timedelta(seconds=info.idle_timeout_seconds)
-    return replace(info, **changes)  # type: ignore[arg-type]
+    advanced = replace(info, **changes)  # type: ignore[arg-type]
+    # A write is an access: it renews a sliding retention, and a finish starts the TTL.
+    return replace(advanced, expires_at=expiry(advanced, now))
 
 
-def new_stream_info(spec: NewStream, now: datetime) -> StreamInfo:
+def plan_create(
+    spec: NewStream, now: datetime, source: StreamInfo | None = None
+) -> tuple[StreamInfo, list[Event]]:
+    """The new stream's row and initial events; `source` is the fork source's row.
+
+    A fork may start anywhere in its source's chunks (not after its terminal
+    event), and only from a source that is not gone.
+    """
+    fork_seq, forked_from = 0, None
+    if spec.fork is not None:
+        fork_seq, forked_from = spec.fork.seq, spec.fork.source
+        _check_fork_source(spec.fork, source, now)
     abandon_at = (
         now + timedelta(seconds=spec.idle_timeout_seconds)
         if spec.idle_timeout_seconds is not None
         else None
     )
-    return StreamInfo(
+    info = StreamInfo(
         id=spec.id,
         content_type=spec.content_type,
         status=StreamStatus.OPEN,
@@ -186,8 +346,54 @@ def new_stream_info(spec: NewStream, now: datetime) -> StreamInfo:
         idle_timeout_seconds=spec.idle_timeout_seconds,
         abandon_at=abandon_at,
         last_write_at=now,
-        last_seq=0,
+        last_seq=fork_seq,
+        idle_ttl_seconds=spec.idle_ttl_seconds,
+        hard_expires_at=spec.hard_expires_at,
+        forked_from=forked_from,
+        fork_seq=fork_seq,
+        attributes=spec.attributes,
     )
+    events: list[Event] = []
+    for batch in spec.initial:
+        for i, e in enumerate(batch, start=1):
+            seq = fork_seq + len(events) + 1
+            events.append(Event(spec.id, seq, e.kind, e.payload, now, e.type, i == len(batch)))
+    if events:
+        return _advance(info, events, now), events
+    return replace(info, expires_at=expiry(info, now)), events
+
+
+def _check_fork_source(fork: ForkSpec, source: StreamInfo | None, now: datetime) -> None:
+    if source is None or (source.expired(now) and source.fork_count == 0):
+        raise not_found(fork.source)
+    if source.expired(now):
+        raise refusal(
+            Status.FAILED_PRECONDITION,
+            Problem.SOURCE_RETIRED,
+            f"stream {fork.source!r} is deleted; only its existing forks still read it",
+        )
+    if not 0 <= fork.seq <= source.chunk_tail:
+        raise refusal(
+            Status.OUT_OF_RANGE,
+            Problem.FORK_BEYOND_TAIL,
+            f"stream {fork.source!r} has no event {fork.seq} to fork at",
+            tail=source.chunk_tail,
+        )
+
+
+def renewed_expiry(info: StreamInfo, now: datetime) -> datetime | None:
+    """The later expiry a read gives a stream with a sliding retention, or None
+    when there is nothing worth writing (no sliding retention, already gone,
+    or the stored expiry is within a small slack of the new one)."""
+    if info.idle_ttl_seconds is None or info.expired(now):
+        return None
+    renewed = expiry(info, now)
+    if renewed is None or info.expires_at is None:
+        return renewed
+    # Skip renewals that gain less than 1% of the window (at most a second):
+    # a busy stream would otherwise cost a write per read.
+    slack = timedelta(seconds=min(1.0, info.idle_ttl_seconds / 100))
+    return renewed if renewed - info.expires_at > slack else None
 
 
 def already_exists(stream_id: str) -> StreamError:
