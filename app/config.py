@@ -31,6 +31,9 @@ class Settings:
     sqlite_synchronous: str = "NORMAL"
     # Readers re-check their rows this often even without a wake-up.
     safety_poll_seconds: float = 30.0
+    # How long a Durable Streams long-poll waits for data before answering 204
+    # (and how often an idle SSE response sends a keep-alive control event).
+    long_poll_timeout: float = 30.0
     pool_size: int = 5
     # Migrate at start-up; None means: yes on SQLite, no on Postgres.
     auto_migrate: bool | None = None

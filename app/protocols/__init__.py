@@ -13,9 +13,10 @@ from typing import Any
 from litestar import Litestar, Request, Router
 
 from app.log import StreamManager
+from app.protocols.durable_streams_codec import EXPOSED_HEADERS as DURABLE_STREAMS_HEADERS
 
 # Response headers that browsers' scripts may read, whatever the protocol (CORS).
-EXPOSED_HEADERS = ["X-Genkit-Stream-Id", "X-Streamkeep-Read-Token"]
+EXPOSED_HEADERS = ["X-Genkit-Stream-Id", "X-Streamkeep-Read-Token", *DURABLE_STREAMS_HEADERS]
 
 Lifespan = Callable[[Litestar], AbstractAsyncContextManager[None]]
 
@@ -52,6 +53,7 @@ def protocol_routers() -> list[Router]:
     # Imported here: the protocol modules import manager_of from this package.
     from app.flows import registry
     from app.protocols import events, openai_proxy, page
+    from app.protocols.durable_streams import durable_streams_router
     from app.protocols.genkit import flow_router
 
     return [
@@ -59,6 +61,7 @@ def protocol_routers() -> list[Router]:
         events.router,
         openai_proxy.router,
         page.router,
+        durable_streams_router(),
     ]
 
 
