@@ -12,12 +12,14 @@ reader asking for seq > N can never see N+2 before N+1.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 from sqlalchemy import Row, bindparam, delete, exists, func, select, text, update
@@ -117,6 +119,34 @@ async def _translated() -> AsyncIterator[None]:
         raise
     except (*DATABASE_ERRORS,) as exc:
         raise storage_error(exc) from exc
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _finish_when_cancelled(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Run a read to its end even when its caller is cancelled (a reader that
+    disconnects mid-query): interrupting the driver mid-statement throws the
+    connection away instead of returning it to the pool."""
+
+    @functools.wraps(method)
+    async def shielded(*args: P.args, **kwargs: P.kwargs) -> T:
+        task = asyncio.ensure_future(method(*args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_ignore_outcome)
+            raise
+
+    return shielded
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: nobody waits for it any more
 
 
 class SqlStore:
@@ -331,6 +361,7 @@ class SqlStore:
 
     # -- reads ----------------------------------------------------------------
 
+    @_finish_when_cancelled
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
         sql = self._sql
         async with _translated(), self.reader.connect() as conn:
@@ -342,6 +373,7 @@ class SqlStore:
             )
         return self._events(stream_id, rows)
 
+    @_finish_when_cancelled
     async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
         sql = self._sql
         async with _translated(), self.reader.connect() as conn:
@@ -360,11 +392,13 @@ class SqlStore:
             for seq, kind, type_, payload, created, end in rows
         ]
 
+    @_finish_when_cancelled
     async def info(self, stream_id: str) -> StreamInfo | None:
         async with _translated(), self.reader.connect() as conn:
             row = (await conn.execute(select(streams).where(streams.c.id == stream_id))).first()
         return _row_info(row) if row is not None else None
 
+    @_finish_when_cancelled
     async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
         if not stream_ids:
             return {}
