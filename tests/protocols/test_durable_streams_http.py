@@ -1,0 +1,105 @@
+"""Durable Streams behaviour over HTTP where the official suite is thin: error
+precedence, odd input (always a 4xx, nothing changed) and CORS, on every backend."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import ServerFactory
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.fixture
+def base(live_server: ServerFactory) -> str:
+    return f"{live_server().url}/v1/stream"
+
+
+def producer(seq: int, epoch: int = 0) -> dict[str, str]:
+    return {**JSON, "producer-id": "p", "producer-epoch": str(epoch), "producer-seq": str(seq)}
+
+
+def test_the_streams_own_errors_rank_before_a_bad_json_body(base: str) -> None:
+    url = f"{base}/precedence"
+    httpx.put(url, headers=JSON)
+    # A bad body alone: 400, and the producer did not advance.
+    assert httpx.post(url, headers=producer(0), content=b"{").status_code == 400
+    assert httpx.post(url, headers=producer(0), content=b"[1]").status_code == 200
+    # A sequence gap outranks the bad body; so do a stale epoch and a closed stream.
+    assert httpx.post(url, headers=producer(5), content=b"{").status_code == 409
+    assert httpx.post(url, headers=producer(0, epoch=1), content=b"[2]").status_code == 200
+    assert httpx.post(url, headers=producer(1, epoch=0), content=b"{").status_code == 403
+    httpx.post(url, headers={"stream-closed": "true"})
+    closed = httpx.post(url, headers=JSON, content=b"[]")
+    assert (closed.status_code, closed.headers["stream-closed"]) == (409, "true")
+    assert httpx.get(url).json() == [1, 2]
+
+
+def test_a_body_over_the_limit_is_refused_and_changes_nothing(base: str) -> None:
+    url = f"{base}/big"
+    httpx.put(url, headers={"content-type": "application/octet-stream"})
+    big = httpx.post(
+        url, content=b"x" * 10_000_001, headers={"content-type": "application/octet-stream"}
+    )
+    assert big.status_code == 413
+    assert big.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(url).content == b""
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "headers"),
+    [
+        ("PUT", {}, {"stream-expires-at": "9999-99-99T00:00:00Z"}),
+        ("PUT", {}, {"stream-ttl": "1", "stream-expires-at": "2030-01-01T00:00:00Z"}),
+        ("PUT", {}, {"stream-forked-from": "/v1/stream/odd", "stream-fork-offset": "9" * 40}),
+        ("PUT", {}, {"stream-forked-from": "/v1/stream/", "stream-fork-offset": "1_1"}),
+        ("PUT", {}, {"stream-fork-sub-offset": "1"}),
+        ("GET", {"offset": "1_1", "live": "forever"}, {}),
+        ("GET", {"offset": "9" * 40 + "_x"}, {}),
+        ("POST", {}, {"content-type": "text/plain", "producer-seq": "1"}),
+    ],
+)
+def test_odd_requests_get_a_4xx_never_a_5xx(
+    base: str, method: str, params: dict[str, str], headers: dict[str, str]
+) -> None:
+    httpx.put(f"{base}/odd", headers={"content-type": "text/plain"}, content=b"abc")
+    response = httpx.request(method, f"{base}/odd", params=params, headers=headers, content=b"x")
+    assert 400 <= response.status_code < 500, response.text
+    assert httpx.get(f"{base}/odd").content == b"abc"
+
+
+def test_overlong_stream_ids_are_refused(base: str) -> None:
+    response = httpx.put(f"{base}/{'x' * 2000}", headers={"content-type": "text/plain"})
+    assert response.status_code == 400
+
+
+def test_a_deleted_source_answers_410_until_its_last_fork_goes(base: str) -> None:
+    httpx.put(f"{base}/src", headers={"content-type": "text/plain"}, content=b"abc")
+    fork = httpx.put(
+        f"{base}/fork",
+        headers={"stream-forked-from": "/v1/stream/src", "stream-fork-sub-offset": "0"},
+    )
+    assert (fork.status_code, fork.headers["content-type"]) == (201, "text/plain")
+    assert httpx.delete(f"{base}/src").status_code == 204
+    assert httpx.head(f"{base}/src").status_code == 410
+    assert httpx.put(f"{base}/src", headers={"content-type": "text/plain"}).status_code == 409
+    assert httpx.get(f"{base}/fork").content == b"abc"
+    assert httpx.delete(f"{base}/fork").status_code == 204
+    assert httpx.head(f"{base}/src").status_code == 404
+    assert httpx.put(f"{base}/src", headers={"content-type": "text/plain"}).status_code == 201
+
+
+def test_cors_preflight_allows_what_the_browser_asks_for(base: str) -> None:
+    response = httpx.options(
+        f"{base}/any",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "GET",
+            "access-control-request-headers": "if-none-match, producer-id",
+        },
+    )
+    assert response.status_code == 204
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "if-none-match" in response.headers["access-control-allow-headers"]
+    assert "Stream-Next-Offset" in response.headers["access-control-expose-headers"]
