@@ -1,8 +1,8 @@
-"""A flow run (a log stream written through the StreamManager the way the flow
-runner writes one: application/json chunks, then done or error) read through
-the Durable Streams protocol as a read-only JSON stream: from the start, from
-an offset, and live. The writer is another manager on the same database, as
-the flow endpoint of another replica would be."""
+"""Flow runs read through the Durable Streams protocol as read-only JSON streams:
+from the start, from an offset, and live. A real run started at /flows/{name},
+and runs written through the StreamManager the way the flow runner writes them
+(application/json chunks, then done or error) by another manager on the same
+database, as the flow endpoint of another replica would."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from app.config import Settings
 from app.errors import Status, StreamError
 from app.log import StreamManager, create_manager
+from tests.conftest import ServerFactory
 from tests.live import LiveServer
 
 
@@ -120,3 +121,37 @@ async def test_flow_run_is_read_only_through_the_protocol(
         assert [r.status_code for r in (append, close, create, delete)] == [409] * 4
         assert (await client.head(url)).status_code == 200
     assert (await flows.info("run-3")).last_seq == 0
+
+
+def test_a_real_flow_run_is_followed_live_and_resumed_as_a_json_stream(
+    live_server: ServerFactory,
+) -> None:
+    """POST /flows/countdown starts a run; a Durable Streams client follows it
+    by its stream id with long-polls until it is closed, then resumes mid-way."""
+    server = live_server(long_poll_timeout=0.5)
+    start = {"count": 5, "delay_ms": 150}
+    with httpx.stream(
+        "POST",
+        f"{server.url}/flows/countdown",
+        json={"data": start},
+        headers={"accept": "text/event-stream"},
+    ) as response:
+        run_id = response.headers["x-genkit-stream-id"]  # sent at once; we hang up here
+    url = f"{server.url}/v1/stream/{run_id}"
+    items: list[object] = []
+    offsets: list[str] = []
+    offset = "-1"
+    for _ in range(100):
+        poll = httpx.get(url, params={"offset": offset, "live": "long-poll"}, timeout=10)
+        assert poll.status_code in (200, 204)
+        if poll.status_code == 200:
+            assert poll.headers["content-type"] == "application/json"
+            items += poll.json()
+            offsets += [poll.headers["stream-next-offset"]] * len(poll.json())
+        offset = poll.headers["stream-next-offset"]
+        if poll.headers.get("stream-closed") == "true":
+            break
+    assert items == [5, 4, 3, 2, 1, {"result": "countdown from 5 done"}]
+    resumed = httpx.get(url, params={"offset": offsets[1]})
+    assert resumed.json() == [3, 2, 1, {"result": "countdown from 5 done"}]
+    assert resumed.headers["stream-closed"] == "true"
