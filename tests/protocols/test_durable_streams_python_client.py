@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from durable_streams import DurableStream, stream
@@ -43,7 +43,13 @@ def test_json_stream_reads_back_values(live_server: ServerFactory) -> None:
         assert response.read_json() == [{"a": 1}, [1, 2], "three", None]
 
 
-def follow(url: str, mode: str, reader: str, count: int, write: Callable[[int], Any]) -> list[Any]:
+def follow(
+    url: str,
+    mode: Literal["long-poll", "sse"],
+    reader: str,
+    count: int,
+    write: Callable[[int], Any],
+) -> list[Any]:
     """Follow `url` live while another thread appends `count` messages."""
 
     def writer() -> None:
