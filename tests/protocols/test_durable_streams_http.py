@@ -102,4 +102,7 @@ def test_cors_preflight_allows_what_the_browser_asks_for(base: str) -> None:
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == "*"
     assert "if-none-match" in response.headers["access-control-allow-headers"]
-    assert "Stream-Next-Offset" in response.headers["access-control-expose-headers"]
+    httpx.put(f"{base}/any", headers={"content-type": "text/plain"})
+    read = httpx.get(f"{base}/any", headers={"origin": "https://app.example"})
+    assert "Stream-Next-Offset" in read.headers["access-control-expose-headers"]
+    assert read.headers["x-content-type-options"] == "nosniff"
