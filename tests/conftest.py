@@ -81,6 +81,12 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database that several processes (or managers) can share: SQLite or Postgres."""
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
 @pytest.fixture
 def database_url(backend: str, request: pytest.FixtureRequest) -> str:
     """The database of this test's backend ("memory" for the in-memory store)."""

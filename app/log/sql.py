@@ -18,6 +18,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
@@ -361,27 +362,20 @@ class SqlStore:
 
     # -- reads ----------------------------------------------------------------
 
-    @_finish_when_cancelled
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
         sql = self._sql
-        async with _translated(), self.reader.connect() as conn:
-            raw = await conn.get_raw_connection()
-            rows = await sql.fetch(
-                raw.driver_connection,
-                sql.read_events,
-                (stream_id, after, sql.bind_time(now), limit),
-            )
-        return self._events(stream_id, rows)
+        params = (stream_id, after, sql.bind_time(now), limit)
+        return self._events(stream_id, await self._fetch(sql.read_events, params))
+
+    async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
+        params = (stream_id, after, upto, limit)
+        return self._events(stream_id, await self._fetch(self._sql.read_range, params))
 
     @_finish_when_cancelled
-    async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
-        sql = self._sql
+    async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
         async with _translated(), self.reader.connect() as conn:
             raw = await conn.get_raw_connection()
-            rows = await sql.fetch(
-                raw.driver_connection, sql.read_range, (stream_id, after, upto, limit)
-            )
-        return self._events(stream_id, rows)
+            return await self._sql.fetch(raw.driver_connection, statement, params)
 
     def _events(self, stream_id: str, rows: Sequence[Any]) -> list[Event]:
         kinds, parse_time = _KINDS, self._sql.time_parser()
@@ -645,61 +639,27 @@ def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
     return payloads
 
 
+# StreamInfo's fields are the streams columns; these three are encoded on the way.
+_ENCODED_FIELDS = ("status", "output", "attributes")
+_PLAIN_FIELDS = [f.name for f in fields(StreamInfo) if f.name not in _ENCODED_FIELDS]
+
+
 def _row_info(row: Row[Any]) -> StreamInfo:
     m = row._mapping
     return StreamInfo(
-        id=m["id"],
-        content_type=m["content_type"],
+        **{name: m[name] for name in _PLAIN_FIELDS},
         status=_STATUSES[m["status"]],
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-        finished_at=m["finished_at"],
-        ttl_seconds=m["ttl_seconds"],
-        expires_at=m["expires_at"],
-        idle_timeout_seconds=m["idle_timeout_seconds"],
-        abandon_at=m["abandon_at"],
-        last_write_at=m["last_write_at"],
-        last_seq=m["last_seq"],
         output=bytes(m["output"]) if m["output"] is not None else None,
-        error_status=m["error_status"],
-        error_message=m["error_message"],
-        idle_ttl_seconds=m["idle_ttl_seconds"],
-        hard_expires_at=m["hard_expires_at"],
-        forked_from=m["forked_from"],
-        fork_seq=m["fork_seq"],
-        fork_count=m["fork_count"],
-        writer_seq=m["writer_seq"],
-        closed_by=m["closed_by"],
         attributes=json.loads(m["attributes"]) if m["attributes"] is not None else None,
     )
 
 
 def _info_row(info: StreamInfo) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "content_type": info.content_type,
-        "status": info.status.value,
-        "created_at": info.created_at,
-        "updated_at": info.updated_at,
-        "finished_at": info.finished_at,
-        "ttl_seconds": info.ttl_seconds,
-        "expires_at": info.expires_at,
-        "idle_timeout_seconds": info.idle_timeout_seconds,
-        "abandon_at": info.abandon_at,
-        "last_write_at": info.last_write_at,
-        "last_seq": info.last_seq,
-        "output": info.output,
-        "error_status": info.error_status,
-        "error_message": info.error_message,
-        "idle_ttl_seconds": info.idle_ttl_seconds,
-        "hard_expires_at": info.hard_expires_at,
-        "forked_from": info.forked_from,
-        "fork_seq": info.fork_seq,
-        "fork_count": info.fork_count,
-        "writer_seq": info.writer_seq,
-        "closed_by": info.closed_by,
-        "attributes": json.dumps(info.attributes) if info.attributes is not None else None,
-    }
+    row = {name: getattr(info, name) for name in _PLAIN_FIELDS}
+    row["status"] = info.status.value
+    row["output"] = info.output
+    row["attributes"] = json.dumps(info.attributes) if info.attributes is not None else None
+    return row
 
 
 def _update_params(info: StreamInfo) -> dict[str, Any]:

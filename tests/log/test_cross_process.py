@@ -14,11 +14,6 @@ from tests.support import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
-
-
 async def test_reader_follows_a_writer_in_another_process(shared_url: str) -> None:
     async with create_manager(shared_url, sqlite_poll_seconds=0.02) as manager:
         await manager.open("x")
