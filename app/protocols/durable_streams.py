@@ -79,6 +79,8 @@ from app.protocols.durable_streams_codec import (
 log = logging.getLogger("streamkeep.durable_streams")
 
 PREFIX = "/v1/stream"
+# How this protocol's appends are counted in the log's metrics.
+ORIGIN = "durable_streams"
 # The attributes key that marks a stream created through this protocol.
 ATTRIBUTES_KEY = "durable_streams"
 # One catch-up response or SSE data event carries at most this much (one
@@ -550,13 +552,13 @@ class CreateRequest:
 
 
 def source_id(forked_from: str) -> str:
-    """Stream-Forked-From names the source by its path (or URL): /v1/stream/<id>."""
+    """Stream-Forked-From names the source by its path (or URL): [/prefix]/v1/stream/<id>."""
     path = unquote(urlsplit(forked_from.strip()).path)
-    if path.startswith(PREFIX + "/"):
-        path = path[len(PREFIX) + 1 :]
-    if not path.strip("/"):
+    _, found, rest = path.partition(PREFIX + "/")
+    stream = rest if found else path.lstrip("/")
+    if not stream.strip("/"):
         raise bad_request("Stream-Forked-From names no stream")
-    return path.lstrip("/")
+    return stream
 
 
 @dataclass(slots=True)
@@ -743,7 +745,7 @@ async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIRespon
     writable(info)
     writer_seq = request.headers.get("stream-seq")
     if not body:
-        request_ = AppendRequest(call.stream_id, [NewEvent.closed()], producer=claim)
+        request_ = AppendRequest(call.stream_id, [NewEvent.closed()], origin=ORIGIN, producer=claim)
         request_.writer_seq = writer_seq
         return await close_only(call, info, request_)
     if info.is_open and media_type(content_type or "") != media_type(info.content_type):
@@ -771,12 +773,12 @@ def payload_append(stream_id: str, info: StreamInfo, body: bytes, closing: bool)
         messages = messages_of(info.content_type, body, allow_empty=False)
     except ProtocolError as exc:
         return AppendRequest(
-            stream_id, [], reject=StreamError(Status.INVALID_ARGUMENT, exc.message)
+            stream_id, [], origin=ORIGIN, reject=StreamError(Status.INVALID_ARGUMENT, exc.message)
         )
     events = [NewEvent.raw(m) for m in messages]
     if closing:
         events.append(NewEvent.closed())
-    return AppendRequest(stream_id, events)
+    return AppendRequest(stream_id, events, origin=ORIGIN)
 
 
 def result_tail(result: AppendResult) -> int:

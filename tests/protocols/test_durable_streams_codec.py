@@ -147,5 +147,6 @@ def test_content_types_are_kept_verbatim_or_defaulted() -> None:
 def test_fork_sources_are_named_by_path_or_url() -> None:
     assert source_id("/v1/stream/a/b") == "a/b"
     assert source_id("http://host:1/v1/stream/x%20y") == "x y"
+    assert source_id("/behind/a/proxy/v1/stream/a") == "a"  # STREAMKEEP_PATH_PREFIX
     with pytest.raises(ProtocolError):
         source_id("/v1/stream/")
