@@ -79,6 +79,8 @@ from app.protocols.durable_streams_codec import (
 log = logging.getLogger("streamkeep.durable_streams")
 
 PREFIX = "/v1/stream"
+# The protocol reserves /v1/stream/__ds/... for subscription APIs: never a stream.
+RESERVED_SEGMENT = "__ds"
 # How this protocol's appends are counted in the log's metrics.
 ORIGIN = "durable_streams"
 # The attributes key that marks a stream created through this protocol.
@@ -140,6 +142,8 @@ class Call:
         stream_id = request.path_params["path"].lstrip("/")
         if not stream_id:
             raise bad_request("the stream path is empty")
+        if stream_id.split("/", 1)[0] == RESERVED_SEGMENT:
+            raise ProtocolError(501, "the reserved subscription APIs (__ds) are not implemented")
         timeout = float(request.app.state.settings.long_poll_timeout)
         return cls(manager_of(request), stream_id, timeout)
 

@@ -26,6 +26,9 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"
 JSON_MEDIA_TYPE = "application/json"
 # Producer epochs and seqs are JavaScript-safe integers.
 MAX_SAFE_INTEGER = 2**53 - 1
+# What the database columns hold: seqs are 64-bit, TTLs 32-bit (68 years).
+MAX_SEQ = 2**63 - 1
+MAX_TTL_SECONDS = 2**31 - 1
 
 _OFFSET = re.compile(r"\d+_\d+")
 _DECIMAL = re.compile(r"0|[1-9]\d*")
@@ -104,7 +107,10 @@ def parse_offset(values: list[str], *, required: bool) -> ReadFrom:
 
 
 def offset_seq(offset: str) -> int:
-    return int(offset.partition("_")[2])
+    seq = int(offset.partition("_")[2])
+    if seq > MAX_SEQ:
+        raise bad_request("offset is beyond any stream")
+    return seq
 
 
 def parse_fork_offset(value: str) -> int:
@@ -144,6 +150,8 @@ def parse_ttl(value: str | None) -> int | None:
         return None
     if not _DECIMAL.fullmatch(value):
         raise bad_request("Stream-TTL must be a whole number of seconds without sign or padding")
+    if int(value) > MAX_TTL_SECONDS:
+        raise bad_request(f"Stream-TTL is at most {MAX_TTL_SECONDS} seconds")
     return int(value)
 
 

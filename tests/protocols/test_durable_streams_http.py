@@ -57,6 +57,9 @@ def test_a_body_over_the_limit_is_refused_and_changes_nothing(base: str) -> None
         ("PUT", {}, {"stream-fork-sub-offset": "1"}),
         ("GET", {"offset": "1_1", "live": "forever"}, {}),
         ("GET", {"offset": "9" * 40 + "_x"}, {}),
+        ("GET", {"offset": "0_" + "9" * 30}, {}),
+        ("GET", {"offset": "0_" + "9" * 30, "live": "long-poll"}, {}),
+        ("PUT", {}, {"stream-ttl": "9" * 30}),
         ("POST", {}, {"content-type": "text/plain", "producer-seq": "1"}),
     ],
 )
@@ -67,6 +70,11 @@ def test_odd_requests_get_a_4xx_never_a_5xx(
     response = httpx.request(method, f"{base}/odd", params=params, headers=headers, content=b"x")
     assert 400 <= response.status_code < 500, response.text
     assert httpx.get(f"{base}/odd").content == b"abc"
+
+
+def test_the_reserved_subscription_namespace_is_no_stream(base: str) -> None:
+    response = httpx.put(f"{base}/__ds/subscriptions/x", headers={"content-type": "text/plain"})
+    assert response.status_code == 501
 
 
 def test_overlong_stream_ids_are_refused(base: str) -> None:
