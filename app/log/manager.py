@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -553,6 +553,7 @@ class StreamManager:
             raise StreamError(
                 Status.INVALID_ARGUMENT, "initial batches must not be empty; only the last ends"
             )
+        self._check_sizes(events)
         spec = NewStream(
             id=stream_id,
             content_type=content_type,
@@ -585,12 +586,15 @@ class StreamManager:
             raise StreamError(Status.INVALID_ARGUMENT, "an append needs at least one event")
         if any(e.kind.is_terminal for e in request.events[:-1]):
             raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
-        for event in request.events:
-            if len(event.payload) > self.max_event_bytes:
-                raise too_large("the event", len(event.payload), self.max_event_bytes)
+        self._check_sizes(request.events)
         if self._committer is None:
             self._committer = _Committer(self, self._max_batch)
         return self._committer.submit(request, detailed)
+
+    def _check_sizes(self, events: Iterable[NewEvent]) -> None:
+        for event in events:
+            if len(event.payload) > self.max_event_bytes:
+                raise too_large("the event", len(event.payload), self.max_event_bytes)
 
     def _push(self, request: AppendRequest, on_failure: FailureSink) -> None:
         if self._committer is None:

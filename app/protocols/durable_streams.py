@@ -49,7 +49,7 @@ from app.log import (
     StreamManager,
     StreamStatus,
 )
-from app.protocols import manager_of
+from app.protocols import closing_body, manager_of
 from app.protocols.durable_streams_codec import (
     DEFAULT_CONTENT_TYPE,
     ProtocolError,
@@ -124,7 +124,7 @@ async def stream_endpoint(request: Request[Any, Any, Any]) -> ASGIResponse:
     except StreamError as exc:
         if exc.status in (Status.UNAVAILABLE, Status.INTERNAL):
             log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-        return respond(http_status(exc.status), {}, exc.message.encode(), "text/plain")
+        return respond(http_status(exc), {}, exc.message.encode(), "text/plain")
     except HTTPException as exc:  # e.g. a body over the size limit: 413
         return respond(exc.status_code, {}, str(exc.detail).encode(), "text/plain")
 
@@ -302,7 +302,7 @@ async def handle_get(request: Request[Any, Any, Any], call: Call) -> ASGIRespons
     after = tail_seq(info) if start.at_tail else start.seq
     cursor = next_cursor(request.query_params.get("cursor"), call.manager.clock())
     if live == "sse":
-        return sse_response(call, info, after, request.query_params.get("cursor"))
+        return sse_response(request, call, info, after)
     if live == "long-poll":
         return await long_poll(call, info, after, cursor)
     if start.at_tail:
@@ -379,7 +379,7 @@ async def wait_for_events(call: Call, info: StreamInfo, after: int, wait_seconds
 
 
 def sse_response(
-    call: Call, info: StreamInfo, after: int, client_cursor: str | None
+    request: Request[Any, Any, Any], call: Call, info: StreamInfo, after: int
 ) -> ASGIStreamingResponse:
     headers = {
         **PROTOCOL_HEADERS,
@@ -389,8 +389,10 @@ def sse_response(
     }
     if not is_textual(info.content_type):
         headers["stream-sse-data-encoding"] = "base64"
-    frames = SseFrames(call, info, client_cursor)
-    return ASGIStreamingResponse(iterator=frames.run(after), headers=headers, status_code=200)
+    frames = SseFrames(call, info, request.query_params.get("cursor"))
+    # Registered so that the subscription is released however the response ends.
+    body = closing_body(request, frames.run(after))
+    return ASGIStreamingResponse(iterator=body, headers=headers, status_code=200)
 
 
 class SseFrames:
@@ -425,14 +427,14 @@ class SseFrames:
             )
         return out
 
-    async def run(self, after: int) -> AsyncIterator[str]:
+    async def run(self, after: int) -> AsyncIterator[bytes]:
         deadline = time.monotonic() + SSE_MAX_SECONDS
         position = after
         sent_any = False
         while True:  # catch-up, page by page
             page, up_to_date = await read_page(self.call, self.info, position)
             if page.messages or page.closed:
-                yield self.frames(page, up_to_date)
+                yield self.frames(page, up_to_date).encode()
                 sent_any = True
             if page.closed:
                 return
@@ -440,11 +442,11 @@ class SseFrames:
             if up_to_date:
                 break
         if not sent_any:
-            yield sse_control(position, cursor=self.cursor(), up_to_date=True)
+            yield sse_control(position, cursor=self.cursor(), up_to_date=True).encode()
         async for chunk in self.follow(position, deadline):
             yield chunk
 
-    async def follow(self, after: int, deadline: float) -> AsyncIterator[str]:
+    async def follow(self, after: int, deadline: float) -> AsyncIterator[bytes]:
         manager = self.call.manager
         try:
             batches = await manager.subscribe_batches(self.info.id, after)
@@ -458,7 +460,7 @@ class SseFrames:
                     {next_batch}, timeout=min(self.call.long_poll_timeout, left)
                 )
                 if not done:  # a keep-alive, so proxies and clients know we are here
-                    yield sse_control(next_seq, cursor=self.cursor(), up_to_date=True)
+                    yield sse_control(next_seq, cursor=self.cursor(), up_to_date=True).encode()
                     continue
                 try:
                     events = next_batch.result()
@@ -470,10 +472,10 @@ class SseFrames:
                     out += self.frames(page, up_to_date=not page.truncated)
                     position, next_seq = page.consumed, page.next_seq
                     if page.closed:
-                        yield out
+                        yield out.encode()
                         return
                     events = [e for e in events if e.seq > position]
-                yield out
+                yield out.encode()
                 next_batch = asyncio.ensure_future(anext(batches))
         finally:
             next_batch.cancel()

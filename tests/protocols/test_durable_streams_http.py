@@ -47,6 +47,15 @@ def test_a_body_over_the_limit_is_refused_and_changes_nothing(base: str) -> None
     assert httpx.get(url).content == b""
 
 
+def test_a_message_over_the_event_limit_is_refused(live_server: ServerFactory) -> None:
+    url = f"{live_server(max_event_bytes=1000).url}/v1/stream/limited"
+    binary = {"content-type": "application/octet-stream"}
+    assert httpx.put(url, headers=binary, content=b"x" * 1001).status_code == 413
+    assert httpx.put(url, headers=binary, content=b"x" * 1000).status_code == 201
+    assert httpx.post(url, headers=binary, content=b"y" * 1001).status_code == 413
+    assert httpx.get(url).content == b"x" * 1000
+
+
 @pytest.mark.parametrize(
     ("method", "params", "headers"),
     [
