@@ -35,7 +35,7 @@ from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
 
-from app.errors import Status, StreamError, http_status
+from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import (
     AppendRequest,
     AppendResult,
@@ -124,7 +124,8 @@ async def stream_endpoint(request: Request[Any, Any, Any]) -> ASGIResponse:
     except StreamError as exc:
         if exc.status in (Status.UNAVAILABLE, Status.INTERNAL):
             log.warning("%s %s failed: %s", request.method, request.url.path, exc)
-        return respond(http_status(exc), {}, exc.message.encode(), "text/plain")
+        status = http_status(exc)
+        return respond(status, retry_headers(status), exc.message.encode(), "text/plain")
     except HTTPException as exc:  # e.g. a body over the size limit: 413
         return respond(exc.status_code, {}, str(exc.detail).encode(), "text/plain")
 
