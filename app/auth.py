@@ -112,6 +112,12 @@ def genkit_flow(facts: RequestFacts) -> Need:
     return Need(Access.WRITE)
 
 
+def durable_stream_routes(param: str, to_id: Callable[[str], str] = str) -> dict[str, Rule]:
+    """The methods of a Durable Streams stream URL: reads, and writes of any kind."""
+    read, write = stream_rule(Access.READ, param, to_id), stream_rule(Access.WRITE, param, to_id)
+    return {"GET": read, "HEAD": read, "PUT": write, "POST": write, "DELETE": write}
+
+
 OPEN, ANY_KEY, ADMIN = fixed(Access.OPEN), fixed(Access.ANY_KEY), fixed(Access.ADMIN)
 WRITE = fixed(Access.WRITE)
 
@@ -147,15 +153,10 @@ ROUTES: dict[str, dict[str, Rule]] = {
     "/v1/chat/completions": {"POST": WRITE},
     "/v1/responses/{response_id}": {"GET": stream_rule(Access.READ, "response_id")},
     "/v1/responses/{response_id}/cancel": {"POST": stream_rule(Access.WRITE, "response_id")},
-    # -- Durable Streams (app/protocols/durable.py) joins here with one entry:
-    #    "/v1/stream/{path}": durable_stream_routes("path", to_id=<path -> stream id>),
+    # Durable Streams (app/protocols/durable_streams.py): the id is the path after
+    # /v1/stream/ (the path parameter keeps its leading slash).
+    "/v1/stream/{path}": durable_stream_routes("path", to_id=lambda path: path.lstrip("/")),
 }
-
-
-def durable_stream_routes(param: str, to_id: Callable[[str], str] = str) -> dict[str, Rule]:
-    """The methods of a Durable Streams stream URL: reads, and writes of any kind."""
-    read, write = stream_rule(Access.READ, param, to_id), stream_rule(Access.WRITE, param, to_id)
-    return {"GET": read, "HEAD": read, "PUT": write, "POST": write, "DELETE": write}
 
 
 # Litestar's OpenAPI documents and viewers (/schema, /schema/openapi.json, ...): any key.
