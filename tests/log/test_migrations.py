@@ -85,3 +85,31 @@ async def test_concurrent_migrate_commands_do_no_harm(empty_url: str) -> None:
         assert proc.returncode == 0, out.decode()
     assert await current_revision(empty_url) == head_revision()
     assert await _inspect(empty_url, _diff) == []
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def migrated_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
+
+
+async def test_stream_summary_view_for_people(migrated_url: str) -> None:
+    from sqlalchemy import text
+
+    from app.log import create_manager
+
+    async with create_manager(migrated_url) as manager:
+        writer = await manager.open("summarised")
+        await writer.write("ab")
+        await writer.write("cde")
+        await writer.done(None)
+
+    def summary(conn: Connection) -> Any:
+        return conn.execute(
+            text("SELECT status, events, bytes, age_seconds FROM stream_summary WHERE id = :id"),
+            {"id": "summarised"},
+        ).one()
+
+    status, events, size, age = await _inspect(migrated_url, summary)
+    assert (status, events) == ("done", 3)
+    assert size == len(b'"ab"') + len(b'"cde"') + len(b"null")
+    assert 0 <= age < 3600
