@@ -334,3 +334,50 @@ def _poll_up(url: str, process: subprocess.Popen[str]) -> httpx.Response:
             pass
         time.sleep(0.1)
     raise AssertionError(f"{url} never became ready")
+
+
+def test_sigterm_ends_native_sse_and_durable_streams_readers_cleanly(sqlite_url: str) -> None:
+    """Open SSE and long-poll responses of every protocol end, so clients reconnect elsewhere."""
+    import threading
+
+    port = free_port()
+    process = start_service(sqlite_url, port, env={"STREAMKEEP_LONG_POLL_TIMEOUT": "60"})
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.put(f"{base}/v1/streams/waiting", json={}).status_code == 201
+    created = httpx.put(f"{base}/v1/stream/ds-waiting", headers={"Content-Type": "text/plain"})
+    assert created.status_code == 201
+    tail = created.headers["stream-next-offset"]
+    outcomes: dict[str, object] = {}
+
+    def read(name: str, method: str, url: str) -> None:
+        try:
+            with httpx.stream(method, url, timeout=30) as response:
+                body = response.read()
+            outcomes[name] = (response.status_code, body)
+        except httpx.HTTPError as exc:  # a reset, not a clean end
+            outcomes[name] = exc
+
+    readers = [
+        threading.Thread(target=read, args=("native", "GET", f"{base}/v1/streams/waiting/events")),
+        threading.Thread(
+            target=read,
+            args=("long-poll", "GET", f"{base}/v1/stream/ds-waiting?offset={tail}&live=long-poll"),
+        ),
+        threading.Thread(
+            target=read,
+            args=("ds-sse", "GET", f"{base}/v1/stream/ds-waiting?offset={tail}&live=sse"),
+        ),
+    ]
+    for reader in readers:
+        reader.start()
+    time.sleep(1)  # all three are waiting for events
+    process.send_signal(signal.SIGTERM)
+    for reader in readers:
+        reader.join(30)
+    process.communicate(timeout=30)
+    assert set(outcomes) == {"native", "long-poll", "ds-sse"}
+    for name, outcome in outcomes.items():
+        assert isinstance(outcome, tuple), f"{name}: {outcome!r}"
+    assert outcomes["native"][0] == 200  # type: ignore[index]
+    assert outcomes["ds-sse"][0] == 200  # type: ignore[index]
+    assert outcomes["long-poll"][0] in (204, 503)  # type: ignore[index]
