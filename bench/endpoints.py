@@ -27,8 +27,9 @@ class AppendEndpoint:
     append_method: str = "POST"
     append_headers: dict[str, str] = field(default_factory=lambda: dict(JSON))
     body: bytes = SMALL_EVENT_BYTES
-    # GET path of a catch-up read returning a JSON array of every event.
-    read_all: Callable[[str], str] | None = None
+    # GET path of a catch-up read from an offset, returning a JSON array of events;
+    # responses are pages, followed through Stream-Next-Offset until up to date.
+    read_from: Callable[[str, str], str] | None = None
 
     async def create(self, client: httpx.AsyncClient, stream: str) -> bool:
         """Create the stream; False when the server has no such route (yet)."""
@@ -42,17 +43,22 @@ class AppendEndpoint:
 
     async def count(self, client: httpx.AsyncClient, stream: str) -> int | None:
         """How many events the stream holds (to check acknowledged == committed)."""
-        if self.read_all is None:
+        if self.read_from is None:
             return None
-        response = await client.get(self.read_all(stream))
-        response.raise_for_status()
-        return len(response.json())
+        total, offset = 0, "-1"
+        while True:
+            response = await client.get(self.read_from(stream, offset))
+            response.raise_for_status()
+            total += len(response.json())
+            if response.headers.get("stream-up-to-date") == "true":
+                return total
+            offset = response.headers["stream-next-offset"]
 
 
 DURABLE_STREAMS = AppendEndpoint(
     name="Durable Streams",
     path=lambda stream: f"/v1/stream/{stream}",
-    read_all=lambda stream: f"/v1/stream/{stream}?offset=-1",
+    read_from=lambda stream, offset: f"/v1/stream/{stream}?offset={offset}",
 )
 
 APPEND_ENDPOINTS = [DURABLE_STREAMS]
