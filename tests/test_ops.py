@@ -75,11 +75,6 @@ def test_path_prefix(live_server: ServerFactory) -> None:
 # -- the service as a process ------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def durable_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
-
-
 def start_service(
     url: str, port: int, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
@@ -114,9 +109,9 @@ def start_service(
     raise AssertionError("service did not start")
 
 
-def test_json_logs_one_line_per_request_without_payloads(durable_url: str) -> None:
+def test_json_logs_one_line_per_request_without_payloads(shared_url: str) -> None:
     port = free_port()
-    process = start_service(durable_url, port, env={"STREAMKEEP_LOG_FORMAT": "json"})
+    process = start_service(shared_url, port, env={"STREAMKEEP_LOG_FORMAT": "json"})
     try:
         httpx.post(
             f"http://127.0.0.1:{port}/flows/echo",
@@ -134,10 +129,10 @@ def test_json_logs_one_line_per_request_without_payloads(durable_url: str) -> No
     assert "SECRET-PAYLOAD" not in output
 
 
-def test_sigterm_ends_readers_and_flows_and_exits(durable_url: str) -> None:
+def test_sigterm_ends_readers_and_flows_and_exits(shared_url: str) -> None:
     port = free_port()
     env = {"STREAMKEEP_FLOWS": "tests.protocols.flows_for_tests"}
-    process = start_service(durable_url, port, env=env)
+    process = start_service(shared_url, port, env=env)
     base = f"http://127.0.0.1:{port}"
     client = httpx.Client(timeout=30)
     running = client.stream("POST", f"{base}/flows/forever", json={}, headers=SSE)
@@ -158,7 +153,7 @@ def test_sigterm_ends_readers_and_flows_and_exits(durable_url: str) -> None:
     assert last["error"]["status"] == "UNAVAILABLE"
     # The run's stream was ended in the database, not left open.
     show = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--database-url", durable_url, "show", stream_id],
+        [sys.executable, "-m", "app.cli", "--database-url", shared_url, "show", stream_id],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -180,9 +175,9 @@ def streamkeep(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_ls_show_tail_rm(durable_url: str) -> None:
+def test_ls_show_tail_rm(shared_url: str) -> None:
     port = free_port()
-    process = start_service(durable_url, port)
+    process = start_service(shared_url, port)
     try:
         for count in (2, 3):
             httpx.post(
@@ -197,32 +192,32 @@ def test_ls_show_tail_rm(durable_url: str) -> None:
         process.terminate()
         process.communicate(timeout=30)
 
-    listed = streamkeep(durable_url, "ls", "--json")
+    listed = streamkeep(shared_url, "ls", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     assert sorted(r["status"] for r in rows) == ["done", "done", "error"]
-    errors = streamkeep(durable_url, "ls", "--status", "error").stdout.splitlines()
+    errors = streamkeep(shared_url, "ls", "--status", "error").stdout.splitlines()
     assert len(errors) == 1 and errors[0].startswith(failed)
 
-    shown = streamkeep(durable_url, "show", failed, "--events", "1")
+    shown = streamkeep(shared_url, "show", failed, "--events", "1")
     assert '"error_message": "fail_midway: failed after 1 of 2 chunks"' in shown.stdout
     assert shown.stdout.rstrip().endswith(
         '2\terror\t{"status":"INTERNAL","message":"fail_midway: failed after 1 of 2 chunks"}'
     )
 
-    tailed = streamkeep(durable_url, "tail", failed)
+    tailed = streamkeep(shared_url, "tail", failed)
     assert tailed.stdout.splitlines()[0] == "1\tchunk\t2"
-    assert streamkeep(durable_url, "tail", failed, "--after", "1").stdout.startswith("2\terror")
+    assert streamkeep(shared_url, "tail", failed, "--after", "1").stdout.startswith("2\terror")
 
-    assert streamkeep(durable_url, "rm", failed).returncode == 0
-    again = streamkeep(durable_url, "rm", failed)
+    assert streamkeep(shared_url, "rm", failed).returncode == 0
+    again = streamkeep(shared_url, "rm", failed)
     assert again.returncode == 1 and "NOT_FOUND" in again.stderr
-    assert streamkeep(durable_url, "show", failed).returncode == 1
+    assert streamkeep(shared_url, "show", failed).returncode == 1
 
 
-def test_tail_follows_a_live_stream_to_its_end(durable_url: str, tmp_path: Path) -> None:
+def test_tail_follows_a_live_stream_to_its_end(shared_url: str, tmp_path: Path) -> None:
     port = free_port()
-    process = start_service(durable_url, port)
+    process = start_service(shared_url, port)
     try:
         with httpx.stream(
             "POST",
@@ -233,7 +228,7 @@ def test_tail_follows_a_live_stream_to_its_end(durable_url: str, tmp_path: Path)
         ) as response:
             stream_id = response.headers["x-genkit-stream-id"]
             tail = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "--database-url", durable_url, "tail", stream_id],
+                [sys.executable, "-m", "app.cli", "--database-url", shared_url, "tail", stream_id],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 text=True,

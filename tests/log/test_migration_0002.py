@@ -7,28 +7,12 @@ to streams with ON DELETE CASCADE, must survive that.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from app.log.db import normalize_url
 from app.migrate import downgrade, migration_engine, upgrade
-from tests.support import PostgresServer, drop_database
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'm.db'}"
-        return
-    server: PostgresServer = request.getfixturevalue("pg_server")
-    name = f"m0002_{abs(hash(request.node.name)) % 10**8}"
-    server.admin(f'DROP DATABASE IF EXISTS "{name}"')
-    server.admin(f'CREATE DATABASE "{name}"')
-    yield server.database_url(name)
-    drop_database(server, name)
 
 
 async def sql(url: str, statement: str, **params: Any) -> list[Any]:

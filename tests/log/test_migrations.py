@@ -87,17 +87,12 @@ async def test_concurrent_migrate_commands_do_no_harm(empty_url: str) -> None:
     assert await _inspect(empty_url, _diff) == []
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def migrated_url(request: pytest.FixtureRequest) -> str:
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
-
-
-async def test_stream_summary_view_for_people(migrated_url: str) -> None:
+async def test_stream_summary_view_for_people(shared_url: str) -> None:
     from sqlalchemy import text
 
     from app.log import create_manager
 
-    async with create_manager(migrated_url) as manager:
+    async with create_manager(shared_url) as manager:
         writer = await manager.open("summarised")
         await writer.write("ab")
         await writer.write("cde")
@@ -109,7 +104,7 @@ async def test_stream_summary_view_for_people(migrated_url: str) -> None:
             {"id": "summarised"},
         ).one()
 
-    status, events, size, age = await _inspect(migrated_url, summary)
+    status, events, size, age = await _inspect(shared_url, summary)
     assert (status, events) == ("done", 3)
     assert size == len(b'"ab"') + len(b'"cde"') + len(b"null")
     assert 0 <= age < 3600

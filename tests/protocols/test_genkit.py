@@ -262,15 +262,9 @@ def test_many_chunks_with_a_slow_reader(server: LiveServer) -> None:
     assert chunks[-1] == {"result": "countdown from 1000 done"}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def durable_url(request: pytest.FixtureRequest) -> str:
-    """A database that outlives a server process (not the in-memory log)."""
-    return str(request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url"))
-
-
-def test_shutdown_ends_running_flows_with_an_error(durable_url: str) -> None:
+def test_shutdown_ends_running_flows_with_an_error(shared_url: str) -> None:
     settings = Settings(
-        database_url=durable_url,
+        database_url=shared_url,
         flows="tests.protocols.flows_for_tests",
         shutdown_timeout_seconds=5,
     )
