@@ -60,8 +60,9 @@ def validate_stream_id(stream_id: str) -> None:
         raise StreamError(
             Status.INVALID_ARGUMENT, f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters"
         )
-    if "\x00" in stream_id:
-        raise StreamError(Status.INVALID_ARGUMENT, "stream id must not contain NUL")
+    if not stream_id.isprintable():
+        # Control characters (NUL, newlines, ...) would end up in headers and logs.
+        raise StreamError(Status.INVALID_ARGUMENT, "stream id must not contain control characters")
 
 
 def as_stream_error(err: BaseException | StreamError) -> StreamError:

@@ -78,7 +78,9 @@ async def test_subscribe_unknown_stream_is_not_found(manager: StreamManager) -> 
     assert err.value.status is Status.NOT_FOUND
 
 
-@pytest.mark.parametrize("bad_id", ["", "x" * 1025, "a\x00b"])
+@pytest.mark.parametrize(
+    "bad_id", ["", "x" * 1025, "a\x00b", "line\nbreak", "tab\there", "del\x7f"]
+)
 async def test_bad_stream_ids_are_rejected(manager: StreamManager, bad_id: str) -> None:
     with pytest.raises(StreamError) as err:
         await manager.open(bad_id)
