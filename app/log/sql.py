@@ -27,7 +27,7 @@ from sqlalchemy import Row, bindparam, delete, exists, func, select, text, updat
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.errors import Status, StreamError
@@ -84,20 +84,31 @@ def _sqlstate(exc: BaseException) -> str | None:
 def storage_error(exc: BaseException) -> StreamError:
     """A StreamError for a failure of the database itself (the cause stays attached).
 
-    UNAVAILABLE (503 with Retry-After) when trying again later can succeed: the
-    server is unreachable, restarting or out of connections, SQLite is locked.
-    INTERNAL for anything else.
+    INTERNAL only for what says our SQL or data is wrong (integrity, syntax,
+    bad data: trying again cannot help); everything else is UNAVAILABLE (503
+    with Retry-After), since a database that is restarting, unreachable, out of
+    connections or locked fails in more ways than anyone can list, and a
+    client that tries again later will succeed.
     """
     sqlstate = _sqlstate(exc) or ""
-    unavailable = (
-        isinstance(exc, OSError | TimeoutError)
-        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
-        or sqlstate.startswith(UNAVAILABLE_SQLSTATES)
-    )
     name = type(getattr(exc, "orig", None) or exc).__name__
-    if unavailable or "Operational" in name or "Interface" in name or "Connection" in name:
+    if sqlstate.startswith(UNAVAILABLE_SQLSTATES) or not _our_fault(exc, sqlstate):
         return StreamError(Status.UNAVAILABLE, f"database unavailable ({name})")
     return StreamError(Status.INTERNAL, f"storage failure ({name})")
+
+
+# SQLSTATE classes of failures that retrying cannot fix: data exception,
+# integrity constraint violation, syntax error or access rule violation.
+OUR_FAULT_SQLSTATES = ("22", "23", "42")
+
+
+def _our_fault(exc: BaseException, sqlstate: str) -> bool:
+    if sqlstate:
+        return sqlstate.startswith(OUR_FAULT_SQLSTATES)
+    orig = getattr(exc, "orig", None) or exc
+    return isinstance(exc, IntegrityError | ProgrammingError | DataError) or isinstance(
+        orig, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.DataError
+    )
 
 
 # Failures of the database, whether they come through SQLAlchemy or straight
@@ -107,6 +118,7 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.Error,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
