@@ -188,3 +188,15 @@ async def _drain(response: httpx.Response, count: int) -> bool:
     async for data in response.aiter_raw():
         frames += data.count(b"\n\n")
     return frames == count + 1
+
+
+async def test_too_large_pushed_chunk_is_refused_too(make_manager: ManagerFactory) -> None:
+    """Regression: push() (a flow's send_chunk) skipped the event size limit."""
+    manager = make_manager(max_event_bytes=1000)
+    await manager.start()
+    writer = await manager.open("s")
+    with pytest.raises(StreamError) as err:
+        writer.push("x" * 1000)
+    assert err.value.http == 413
+    await writer.flush()
+    assert (await manager.info("s")).last_seq == 0

@@ -588,9 +588,7 @@ class StreamManager:
         if any(e.kind.is_terminal for e in request.events[:-1]):
             raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
         self._check_sizes(request.events)
-        if self._committer is None:
-            self._committer = _Committer(self, self._max_batch)
-        return self._committer.submit(request, detailed)
+        return self._committer_started().submit(request, detailed)
 
     def _check_sizes(self, events: Iterable[NewEvent]) -> None:
         for event in events:
@@ -598,9 +596,14 @@ class StreamManager:
                 raise too_large("the event", len(event.payload), self.max_event_bytes)
 
     def _push(self, request: AppendRequest, on_failure: FailureSink) -> None:
+        # The size limit holds for pushed chunks too (a flow's send_chunk).
+        self._check_sizes(request.events)
+        self._committer_started().push(request, on_failure)
+
+    def _committer_started(self) -> _Committer:
         if self._committer is None:
             self._committer = _Committer(self, self._max_batch)
-        self._committer.push(request, on_failure)
+        return self._committer
 
     async def settle_queued(self) -> None:
         """Wait until every append queued so far in this process is settled."""
