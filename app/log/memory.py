@@ -1,6 +1,6 @@
 """In-memory store: for tests and for embedding streamkeep without a database.
 
-It follows the same rules as the SQL store (they share `plan_appends`) and is
+It follows the same rules as the SQL store (they share `plan_batch`) and is
 run through the same contract suite. Nothing survives the process.
 """
 
@@ -18,8 +18,7 @@ from app.log.api import AppendRequest, Event, NewStream, ProducerState, StreamIn
 from app.log.store import (
     AppendOutcome,
     already_exists,
-    group_by_stream,
-    plan_appends,
+    plan_batch,
     plan_create,
 )
 
@@ -72,24 +71,20 @@ class MemoryStore:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
-        outcomes: list[AppendOutcome | None] = [None] * len(requests)
-        for stream_id, indexes in group_by_stream(requests).items():
-            stream = self._streams.get(stream_id)
-            plan, results = plan_appends(
-                stream_id,
-                stream.info if stream else None,
-                [requests[i] for i in indexes],
-                now,
-                stream.producers if stream else None,
-            )
-            if plan is not None and stream is not None:
-                stream.info = plan.info
-                stream.events.extend(plan.events)
-                stream.producers.update(plan.producers)
-                self._announce(stream_id, plan.info.last_seq)
-            for i, result in zip(indexes, results, strict=True):
-                outcomes[i] = result
-        return [o for o in outcomes if o is not None]
+        found = {r.stream_id: self._streams.get(r.stream_id) for r in requests}
+        plans, outcomes = plan_batch(
+            requests,
+            {sid: stream.info for sid, stream in found.items() if stream is not None},
+            {sid: stream.producers for sid, stream in found.items() if stream is not None},
+            now,
+        )
+        for plan in plans:
+            stream = self._streams[plan.info.id]
+            stream.info = plan.info
+            stream.events.extend(plan.events)
+            stream.producers.update(plan.producers)
+            self._announce(plan.info.id, plan.info.last_seq)
+        return outcomes
 
     def _announce(self, stream_id: str, last_seq: int) -> None:
         # After the commit returns, as Postgres delivers NOTIFY after COMMIT.

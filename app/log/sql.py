@@ -16,7 +16,7 @@ import asyncio
 import functools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -42,12 +42,12 @@ from app.log.api import (
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
 from app.log.schema import events, producers, streams
+from app.log.sqlite_commit import APPENDED_COLUMNS, SqliteCommit
 from app.log.store import (
     AppendOutcome,
     StreamPlan,
     already_exists,
-    group_by_stream,
-    plan_appends,
+    plan_batch,
     plan_create,
 )
 
@@ -188,6 +188,13 @@ class SqlStore:
         else:
             self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
         self._sql = SQLITE_HOT_SQL if self.dialect == "sqlite" else POSTGRES_HOT_SQL
+        self._sqlite_commit = (
+            SqliteCommit(
+                self._sql.insert_events, _mapping_info, self._sql.bind_time, _parse_sqlite_time
+            )
+            if self.dialect == "sqlite"
+            else None
+        )
 
     # -- writes ---------------------------------------------------------------
 
@@ -261,28 +268,30 @@ class SqlStore:
         return freed
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
-        groups = group_by_stream(requests)
-        outcomes: list[AppendOutcome | None] = [None] * len(requests)
+        if self._sqlite_commit is not None:
+            return await self._commit_on_sqlite_thread(requests, now)
+        ids = sorted({r.stream_id for r in requests})
         async with _translated(), self.writer.begin() as conn:
-            current = await self._lock_streams(conn, sorted(groups))
+            current = await self._lock_streams(conn, ids)
             known = await self._load_producers(conn, requests)
-            plans: list[StreamPlan] = []
-            for stream_id in sorted(groups):
-                indexes = groups[stream_id]
-                plan, results = plan_appends(
-                    stream_id,
-                    current.get(stream_id),
-                    [requests[i] for i in indexes],
-                    now,
-                    known.get(stream_id),
-                )
-                if plan is not None:
-                    plans.append(plan)
-                for i, result in zip(indexes, results, strict=True):
-                    outcomes[i] = result
+            plans, outcomes = plan_batch(requests, current, known, now)
             if plans:
                 await self._write_plans(conn, plans, now)
-        return [o for o in outcomes if o is not None]
+        return outcomes
+
+    async def _commit_on_sqlite_thread(
+        self, requests: Sequence[AppendRequest], now: datetime
+    ) -> list[AppendOutcome]:
+        assert self._sqlite_commit is not None
+        async with _translated(), self.writer.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection  # aiosqlite.Connection
+            # aiosqlite's own queue to its thread (there is no public way to run a
+            # function there); the pinned version range in pyproject keeps it.
+            outcomes: list[AppendOutcome] = await driver._execute(
+                self._sqlite_commit, driver._conn, requests, now
+            )
+            return outcomes
 
     async def _load_producers(
         self, conn: AsyncConnection, requests: Sequence[AppendRequest]
@@ -624,6 +633,10 @@ class HotSql:
         return parse
 
 
+def _parse_sqlite_time(raw: str) -> datetime:
+    return datetime.fromisoformat(raw).replace(tzinfo=UTC)
+
+
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
@@ -657,7 +670,10 @@ _PLAIN_FIELDS = [f.name for f in fields(StreamInfo) if f.name not in _ENCODED_FI
 
 
 def _row_info(row: Row[Any]) -> StreamInfo:
-    m = row._mapping
+    return _mapping_info(row._mapping)
+
+
+def _mapping_info(m: Mapping[Any, Any]) -> StreamInfo:
     return StreamInfo(
         **{name: m[name] for name in _PLAIN_FIELDS},
         status=_STATUSES[m["status"]],
@@ -676,19 +692,4 @@ def _info_row(info: StreamInfo) -> dict[str, Any]:
 
 def _update_params(info: StreamInfo) -> dict[str, Any]:
     row = _info_row(info)
-    row["_id"] = row.pop("id")
-    # Set at creation only; fork_count is changed by fork creation and deletion alone.
-    for unchanged in (
-        "content_type",
-        "created_at",
-        "ttl_seconds",
-        "idle_timeout_seconds",
-        "idle_ttl_seconds",
-        "hard_expires_at",
-        "forked_from",
-        "fork_seq",
-        "fork_count",
-        "attributes",
-    ):
-        del row[unchanged]
-    return row
+    return {"_id": info.id, **{name: row[name] for name in APPENDED_COLUMNS}}

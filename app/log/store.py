@@ -400,6 +400,34 @@ def already_exists(stream_id: str) -> StreamError:
     return StreamError(Status.ALREADY_EXISTS, f"stream {stream_id!r} already exists")
 
 
+def plan_batch(
+    requests: Sequence[AppendRequest],
+    current: Mapping[str, StreamInfo],
+    producers: Mapping[str, Mapping[str, ProducerState]],
+    now: datetime,
+) -> tuple[list[StreamPlan], list[AppendOutcome]]:
+    """Plan a group commit: each stream's appends in stream id order, and the
+    outcome of every request in request order. `current` holds the stored rows
+    of the streams named, `producers` their stored producer states."""
+    outcomes: list[AppendOutcome | None] = [None] * len(requests)
+    plans: list[StreamPlan] = []
+    groups = group_by_stream(requests)
+    for stream_id in sorted(groups):
+        indexes = groups[stream_id]
+        plan, results = plan_appends(
+            stream_id,
+            current.get(stream_id),
+            [requests[i] for i in indexes],
+            now,
+            producers.get(stream_id),
+        )
+        if plan is not None:
+            plans.append(plan)
+        for i, result in zip(indexes, results, strict=True):
+            outcomes[i] = result
+    return plans, [o for o in outcomes if o is not None]
+
+
 def group_by_stream(requests: Sequence[AppendRequest]) -> dict[str, list[int]]:
     """Indexes of the requests of each stream, in request order."""
     groups: dict[str, list[int]] = {}
