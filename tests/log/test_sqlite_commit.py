@@ -30,7 +30,7 @@ async def sqlite_manager(sqlite_url: str) -> AsyncIterator[StreamManager]:
 
 def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     calls: list[Any] = []
-    original = aiosqlite.Connection._execute
+    original: Any = aiosqlite.Connection._execute
 
     async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(fn)
