@@ -290,6 +290,11 @@ class _Tail:
         self.gone = True
         self._notify()
 
+    async def stop(self) -> None:
+        """Gone, and no read of ours still running (the store is about to close)."""
+        self.mark_gone()
+        await cancel_and_wait(self._refresh)
+
     def request_refresh(self, check_gone: bool = False) -> None:
         self._check_gone = self._check_gone or check_gone
         if self._refresh is not None and not self._refresh.done():
@@ -486,7 +491,7 @@ class StreamManager:
             await self.notifier.stop()
         await cancel_and_wait(self._rechecker)
         for tail in list(self._tails.values()):
-            tail.mark_gone()
+            await tail.stop()
         await self.store.close()
 
     async def __aenter__(self) -> StreamManager:

@@ -42,7 +42,7 @@ from app.log.api import (
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
 from app.log.schema import events, producers, streams
-from app.log.sqlite_commit import APPENDED_COLUMNS, SqliteCommit
+from app.log.sqlite_commit import APPENDED_COLUMNS, STREAM_COLUMNS, TIME_COLUMNS, SqliteCommit
 from app.log.store import (
     AppendOutcome,
     StreamPlan,
@@ -147,7 +147,15 @@ def _finish_when_cancelled(
 
     @functools.wraps(method)
     async def shielded(*args: P.args, **kwargs: P.kwargs) -> T:
+        store = args[0]
+        assert isinstance(store, SqlStore)
+        if store.closed:
+            raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
         task = asyncio.ensure_future(method(*args, **kwargs))
+        # The store's close waits for it: a read still in the driver's thread
+        # when the event loop closes fails there.
+        store._reads.add(task)
+        task.add_done_callback(store._reads.discard)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -160,6 +168,9 @@ def _finish_when_cancelled(
 def _ignore_outcome(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: nobody waits for it any more
+
+
+SQLITE_READERS_PER_POOL_SLOT = 4
 
 
 class SqlStore:
@@ -183,14 +194,20 @@ class SqlStore:
                 writer=False,
                 busy_timeout_ms=busy_timeout_ms,
                 synchronous=sqlite_synchronous,
-                pool_size=pool_size,
+                # A reader is a thread and a file handle: cheap enough to keep
+                # one per concurrent request of a busy process.
+                pool_size=pool_size * SQLITE_READERS_PER_POOL_SLOT,
             )
         else:
             self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
         self._sql = SQLITE_HOT_SQL if self.dialect == "sqlite" else POSTGRES_HOT_SQL
+        self.closed = False
+        self._reads: set[asyncio.Future[Any]] = set()  # see _finish_when_cancelled
         self._sqlite_commit = (
             SqliteCommit(
-                self._sql.insert_events, _mapping_info, self._sql.bind_time, _parse_sqlite_time
+                self._sql.insert_events,
+                lambda values: self._sql.stream_info(values, _mapping_info),
+                self._sql.bind_time,
             )
             if self.dialect == "sqlite"
             else None
@@ -407,11 +424,10 @@ class SqlStore:
             for seq, kind, type_, payload, created, end in rows
         ]
 
-    @_finish_when_cancelled
     async def info(self, stream_id: str) -> StreamInfo | None:
-        async with _translated(), self.reader.connect() as conn:
-            row = (await conn.execute(select(streams).where(streams.c.id == stream_id))).first()
-        return _row_info(row) if row is not None else None
+        # Every request starts here: straight to the driver, as the hot reads do.
+        rows = await self._fetch(self._sql.select_stream, (stream_id,))
+        return self._sql.stream_info(rows[0], _mapping_info) if rows else None
 
     @_finish_when_cancelled
     async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
@@ -566,6 +582,9 @@ class SqlStore:
                     await conn.commit()
 
     async def close(self) -> None:
+        self.closed = True
+        if self._reads:
+            await asyncio.wait(self._reads)
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
@@ -594,6 +613,7 @@ class HotSql:
             f"AND (s.expires_at IS NULL OR s.expires_at > {p[2]}) "
             f"ORDER BY e.seq LIMIT {p[3]}"
         )
+        self.select_stream = f"SELECT {', '.join(STREAM_COLUMNS)} FROM streams WHERE id = {p[0]}"
         # What a fork inherited: its source may be gone, its rows are kept for the fork.
         self.read_range = (
             "SELECT seq, kind, type, payload, created_at, batch_end FROM events "
@@ -605,12 +625,20 @@ class HotSql:
     async def fetch(self, driver: Any, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
         """Rows as plain tuples from the driver: aiosqlite and asyncpg differ here only."""
         if self._text_times:
-            cursor = await driver.execute(statement, params)
-            try:
-                return list(await cursor.fetchall())
-            finally:
-                await cursor.close()
+            # One round trip to aiosqlite's thread (execute, fetchall and close are three).
+            return list(await driver.execute_fetchall(statement, params))
         return list(await driver.fetch(statement, *params))
+
+    def stream_info(
+        self, values: Sequence[Any], info: Callable[[Mapping[str, Any]], StreamInfo]
+    ) -> StreamInfo:
+        """A StreamInfo from a row of `select_stream`."""
+        row = dict(zip(STREAM_COLUMNS, values, strict=True))
+        if self._text_times:
+            for name in TIME_COLUMNS:
+                if row[name] is not None:
+                    row[name] = _parse_sqlite_time(row[name])
+        return info(row)
 
     def bind_time(self, value: datetime) -> Any:
         if not self._text_times:

@@ -14,7 +14,7 @@ SQLAlchemy Core for Postgres; `tests/log` runs the same contract against both.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from app.log.schema import UtcDateTime, streams
 from app.log.store import AppendOutcome, StreamPlan, plan_batch
 
 STREAM_COLUMNS = [column.name for column in streams.c]
-_TIME_COLUMNS = frozenset(c.name for c in streams.c if isinstance(c.type, UtcDateTime))
+TIME_COLUMNS = frozenset(c.name for c in streams.c if isinstance(c.type, UtcDateTime))
 
 # Set by appends; everything else (creation settings, forks, attributes) is not.
 APPENDED_COLUMNS = (
@@ -67,22 +67,19 @@ def select_producers(streams_count: int, producers_count: int) -> str:
 class SqliteCommit:
     """The append transaction for one batch, callable on the connection's thread.
 
-    `row_info` turns a column mapping into a StreamInfo (shared with the
-    SQLAlchemy path); `bind_time` and `parse_time` convert times the way
-    schema.UtcDateTime stores them on SQLite.
+    `stream_info` turns a row of STREAM_COLUMNS into a StreamInfo and
+    `bind_time` a time into its stored form: the store's own conversions.
     """
 
     def __init__(
         self,
         insert_events: str,
-        row_info: Callable[[Mapping[str, Any]], StreamInfo],
+        stream_info: Callable[[Sequence[Any]], StreamInfo],
         bind_time: Callable[[datetime], Any],
-        parse_time: Callable[[str], datetime],
     ) -> None:
         self.insert_events = insert_events
-        self.row_info = row_info
+        self.stream_info = stream_info
         self.bind_time = bind_time
-        self.parse_time = parse_time
 
     def __call__(
         self, db: sqlite3.Connection, requests: Sequence[AppendRequest], now: datetime
@@ -111,15 +108,8 @@ class SqliteCommit:
         return outcomes
 
     def _streams(self, db: sqlite3.Connection, ids: list[str]) -> dict[str, StreamInfo]:
-        found = {}
-        for values in db.execute(select_streams(len(ids)), ids):
-            row = dict(zip(STREAM_COLUMNS, values, strict=True))
-            for name in _TIME_COLUMNS:
-                if row[name] is not None:
-                    row[name] = self.parse_time(row[name])
-            info = self.row_info(row)
-            found[info.id] = info
-        return found
+        infos = (self.stream_info(values) for values in db.execute(select_streams(len(ids)), ids))
+        return {info.id: info for info in infos}
 
     def _producers(
         self, db: sqlite3.Connection, requests: Sequence[AppendRequest]
@@ -162,7 +152,7 @@ class SqliteCommit:
         row: dict[str, Any] = {"id": info.id}
         for name in APPENDED_COLUMNS:
             value = getattr(info, name)
-            if name in _TIME_COLUMNS and value is not None:
+            if name in TIME_COLUMNS and value is not None:
                 value = self.bind_time(value)
             row[name] = value
         row["status"] = info.status.value
