@@ -227,7 +227,7 @@ async def _sse_case(
         pids = (server.pid, os.getpid())  # the service, and the producer (this process)
         cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
         events, failed = await produce_over_http(session, stream_id, case.rate, seconds)
-        figures = await sse.finish(within=seconds + 120, queries={})
+        figures = await sse.finish(within=seconds + 120)
         wall = time.monotonic() - started
         used = [cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
         after = await service_metrics(session)
