@@ -6,8 +6,9 @@ only learn of appends through the wake-ups between processes (SQLite poll,
 Postgres NOTIFY). The child prints {"ready": ...} once every reader is
 attached, then one JSON line of figures when the stream has ended.
 
-Hook for the HTTP versions: an SSE reader only has to call `Readers.received`
-for every event it decodes; everything else (latency, delivery checks) is shared.
+The HTTP versions (bench/sse.py) share `Receipts`: an SSE reader calls
+`Receipts.received` for every event it decodes; latency and delivery checks are
+the same for both.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from app.log import Event, StreamManager, create_manager
+from app.log import StreamManager, create_manager
 from bench.results import percentile
 
 COUNTED_QUERIES = ("read", "info", "heads")
@@ -60,17 +61,44 @@ class Figures:
     queries: dict[str, int]
 
 
-class Readers:
-    """N subscribers of one stream; each records the latency of every chunk it receives."""
+class Receipts:
+    """What the readers of one stream received: every chunk's latency, and whether in order.
 
-    def __init__(self, manager: StreamManager, stream_id: str, count: int) -> None:
-        self.manager = manager
-        self.stream_id = stream_id
+    Chunks carry the time they were handed to the log (bench.workload.stamped).
+    """
+
+    def __init__(self, count: int) -> None:
         self.count = count
         self.latencies: list[float] = []
         self.deliveries = 0
         self.in_order = True
         self._sent_at: dict[int, float] = {}
+
+    def received(self, seq: int, payload: bytes, now: float) -> None:
+        sent_at = self._sent_at.get(seq)
+        if sent_at is None:  # decode each event once, not once per reader
+            sent_at = self._sent_at[seq] = json.loads(payload)["t"]
+        self.latencies.append(now - sent_at)
+        self.deliveries += 1
+
+    def figures(self, queries: dict[str, int]) -> Figures:
+        return Figures(
+            readers=self.count,
+            deliveries=self.deliveries,
+            in_order=self.in_order,
+            p50_ms=percentile(self.latencies, 50) * 1000,
+            p99_ms=percentile(self.latencies, 99) * 1000,
+            queries=queries,
+        )
+
+
+class Readers(Receipts):
+    """N subscribers of one stream; each records the latency of every chunk it receives."""
+
+    def __init__(self, manager: StreamManager, stream_id: str, count: int) -> None:
+        super().__init__(count)
+        self.manager = manager
+        self.stream_id = stream_id
         self._subscribed = 0
         self._all_subscribed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -80,13 +108,6 @@ class Readers:
         self._tasks = [asyncio.create_task(self._read()) for _ in range(self.count)]
         await self._all_subscribed.wait()
         await asyncio.sleep(0.05)  # let the last ones reach their wait
-
-    def received(self, event: Event, now: float) -> None:
-        sent_at = self._sent_at.get(event.seq)
-        if sent_at is None:  # decode each event once, not once per reader
-            sent_at = self._sent_at[event.seq] = event.json()["t"]
-        self.latencies.append(now - sent_at)
-        self.deliveries += 1
 
     async def _read(self) -> None:
         subscription = await self.manager.subscribe(self.stream_id)
@@ -100,20 +121,10 @@ class Readers:
                     self.in_order = False
                 expected = event.seq + 1
                 if not event.is_terminal:
-                    self.received(event, time.monotonic())
+                    self.received(event.seq, event.payload, time.monotonic())
 
     async def finish(self, within: float) -> None:
         await asyncio.wait_for(asyncio.gather(*self._tasks), within)
-
-    def figures(self, queries: dict[str, int]) -> Figures:
-        return Figures(
-            readers=self.count,
-            deliveries=self.deliveries,
-            in_order=self.in_order,
-            p50_ms=percentile(self.latencies, 50) * 1000,
-            p99_ms=percentile(self.latencies, 99) * 1000,
-            queries=queries,
-        )
 
 
 async def _child(url: str, stream_id: str, count: int, within: float) -> None:

@@ -67,7 +67,8 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
     for result in results:
         check_result(result)
     measured = {r["key"] for r in results if r["status"] == "ok"}
-    # What the log supports today must actually run (HTTP and Node parts may be pending).
+    # What the log and the service support today must actually run, the SSE readers
+    # included (other HTTP and Node parts may be pending or skipped).
     for key in (
         "db-ceiling/batched",
         "append/pipelined-1",
@@ -78,5 +79,8 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
         "sweep/during",
         "memory/after-sweep",
         "memory/idle-subscribers",
+        "latency/sse",
+        "fanout/sse-500",
+        "memory/idle-sse",
     ):
         assert key in measured, key

@@ -8,20 +8,39 @@ NOTIFY, one read per wake-up per stream). `value` is the database queries per
 event made by the readers' process: the design promises one per event per
 process at most, however many readers.
 
-The HTTP versions (SSE readers of /v1/streams/{id}/events and Durable Streams
-live=sse) are listed as pending until those routes exist: see `http_readers`.
+The HTTP versions (`http_readers`) run the service (`streamkeep serve`) with
+SSE readers of /v1/streams/{id}/events in separate processes (bench/sse.py),
+and a producer that appends over HTTP: latency there runs from the start of the
+append's POST to the reader decoding its frame, and `value` is the service's
+own tail reads per event (its /metrics).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from dataclasses import dataclass
+
+import aiohttp
 
 from app.log import StreamManager, StreamWriter, create_manager
 from bench.context import Context
-from bench.procs import Child
+from bench.loadgen import HttpServer, start_streamkeep
+from bench.procs import Child, cpu_seconds
 from bench.readers import Figures, QueryCounter, Readers
-from bench.results import Result, Target, pending
+from bench.results import Result, Target
+from bench.sse import (
+    SseFigures,
+    SseLoad,
+    SseReaders,
+    counted_since,
+    create_streams,
+    produce_over_http,
+    service_metrics,
+    service_session,
+    wait_for_live_readers,
+)
 from bench.workload import paced, stamped
 
 LATENCY_SCENARIO = "3 append-to-reader latency"
@@ -144,18 +163,121 @@ async def run(ctx: Context) -> list[Result]:
                 events, figures = await _in_process(manager, writer, case, seconds)
             results.append(_result(case, events, figures))
             print(f"  {case.key}: p99 {figures.p99_ms:.1f} ms", file=sys.stderr)
-    return [*results, *http_readers()]
+    return [*results, *await http_readers(ctx)]
 
 
-def http_readers() -> list[Result]:
-    """The SSE versions of scenarios 3 and 4: pending until the read routes land.
+@dataclass(frozen=True)
+class SseCase:
+    scenario: str
+    key: str
+    readers: int
+    rate: float  # events per second
+    targets: list[Target]
+    processes: int = 1  # reader processes (the load generator must not be the bottleneck)
 
-    To add them: start the service (bench.loadgen.start_streamkeep), run SSE
-    clients in a second process that feed every decoded event to
-    bench.readers.Readers.received, and append through the log or HTTP.
-    """
-    why = "pending endpoint: SSE routes (/v1/streams/{id}/events, live=sse) not on this branch"
-    return [
-        pending(LATENCY_SCENARIO, "SSE reader over HTTP, 500 events/s", "latency/sse", why),
-        pending(FANOUT_SCENARIO, "500 / 1,000 SSE readers, 50 events/s", "fanout/sse", why),
-    ]
+    def title(self, readers: int) -> str:
+        who = "1 SSE reader" if readers == 1 else f"{readers:,} SSE readers"
+        return f"{who} over HTTP, HTTP producer, {self.rate:.0f} events/s"
+
+
+SSE_CASES = [
+    SseCase(LATENCY_SCENARIO, "latency/sse", 1, 500, LATENCY_TARGETS),
+    SseCase(FANOUT_SCENARIO, "fanout/sse-500", 500, 50, FANOUT_TARGETS),
+    SseCase(FANOUT_SCENARIO, "fanout/sse-1000", 1000, 50, []),
+]
+
+
+async def http_readers(ctx: Context) -> list[Result]:
+    """The SSE versions of scenarios 3 and 4, against the service itself."""
+    seconds = ctx.size(10.0, 0.5)
+    results = []
+    server = await start_streamkeep(ctx.database_url)
+    try:
+        async with service_session(server.base_url) as session:
+            for case in SSE_CASES:
+                if ctx.smoke and case.readers > 500:
+                    continue
+                readers = ctx.size(case.readers, min(case.readers, 20))
+                result = await _sse_case(ctx, server, session, case, readers, seconds)
+                results.append(result)
+                print(f"  {case.key}: p99 {result.p99_ms or 0:.1f} ms", file=sys.stderr)
+    finally:
+        await server.stop()
+    return results
+
+
+async def _sse_case(
+    ctx: Context,
+    server: HttpServer,
+    session: aiohttp.ClientSession,
+    case: SseCase,
+    readers: int,
+    seconds: float,
+) -> Result:
+    load = SseLoad(case.key.replace("/", "-") + "-", 1, readers)
+    [stream_id] = load.stream_ids
+    await create_streams(session, [stream_id])
+    sse = await SseReaders.start(
+        server.base_url, load, case.processes, ctx.scratch, within=seconds + 120
+    )
+    try:
+        await sse.connected(within=120)
+        await wait_for_live_readers(session, readers, within=60)
+        before = await service_metrics(session)
+        pids = (server.pid, os.getpid())  # the service, and the producer (this process)
+        cpu_before, started = [cpu_seconds(p) for p in pids], time.monotonic()
+        events, failed = await produce_over_http(session, stream_id, case.rate, seconds)
+        figures = await sse.finish(within=seconds + 120)
+        wall = time.monotonic() - started
+        used = [cpu_seconds(p) - b for p, b in zip(pids, cpu_before, strict=True)]
+        after = await service_metrics(session)
+    finally:
+        await sse.stop()
+    figures.queries = counted_since(before, after, ("tail_reads", "wakeups"))
+    cpu = {"service": used[0] / wall, "readers": figures.cpu / wall, "producer": used[1] / wall}
+    return _sse_result(case, readers, events, failed, figures, cpu)
+
+
+def _sse_result(
+    case: SseCase,
+    readers: int,
+    events: int,
+    failed: int,
+    figures: SseFigures,
+    cpu: dict[str, float],  # share of one core over the run, by process
+) -> Result:
+    expected = events * readers
+    complete = figures.deliveries == expected and figures.in_order and not figures.failures
+    processes = "" if case.processes == 1 else f" ({case.processes} processes)"
+    busy = (
+        f"CPU: service {cpu['service']:.0%}, SSE readers {cpu['readers']:.0%}{processes}, "
+        f"producer {cpu['producer']:.0%}"
+    )
+    if complete and not failed:
+        what = f"{events:,} events, all delivered in order"
+    else:
+        what = (
+            f"DELIVERY BROKEN: {figures.deliveries:,} of {expected:,}, in order: "
+            f"{figures.in_order}, failed appends {failed}, failed readers {figures.failures} "
+            f"{figures.first_failure}"
+        )
+    return Result(
+        case.scenario,
+        case.title(readers),
+        case.key,
+        # The terminal event is read like the others.
+        value=figures.queries["tail_reads"] / (events + 1),
+        unit="queries/event",
+        p50_ms=figures.p50_ms,
+        p99_ms=figures.p99_ms,
+        targets=case.targets,
+        status="ok" if complete and not failed else "failed",
+        note=f"{what}; {busy}",
+        extra={
+            "events": events,
+            "deliveries": figures.deliveries,
+            "queries": figures.queries,
+            "cpu": {name: round(share, 2) for name, share in cpu.items()},
+            "reader_processes": case.processes,
+        },
+    )

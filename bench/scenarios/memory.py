@@ -1,8 +1,10 @@
 """Scenario 7 (part): RSS of idle readers.
 
-Until the SSE routes land, the log-level figure: 1,000 subscribers, one per
-open stream, all waiting, in this process. The SSE figure (the target) adds
-the HTTP connections and response generators on top and is pending.
+The log-level figure: 1,000 subscribers, one per open stream, all waiting, in
+this process. The SSE figure (the target) is the service's own RSS (`streamkeep
+serve`) with 1,000 idle SSE readers of /v1/streams/{id}/events in another
+process, again one per stream: the harder case, since every stream then has a
+tail of its own besides the HTTP connection and response generator.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ import gc
 
 from app.log import StreamManager, create_manager
 from bench.context import Context
+from bench.loadgen import start_streamkeep
 from bench.procs import rss_mb
-from bench.results import Result, Target, pending
+from bench.results import Result, Target
+from bench.sse import (
+    SseLoad,
+    SseReaders,
+    create_streams,
+    service_session,
+    wait_for_live_readers,
+)
 
 SCENARIO = "7 memory"
+TARGET = Target("value", "<=", 300, "<= 300 MB")
 
 
 async def _idle_reader(manager: StreamManager, stream_id: str, ready: asyncio.Event) -> None:
@@ -53,14 +64,41 @@ async def run(ctx: Context) -> list[Result]:
             "memory/idle-subscribers",
             value=after,
             unit="MB",
-            targets=[Target("value", "<=", 300, "<= 300 MB")],
+            targets=[TARGET],
             note=f"{(after - before) * 1024 / readers:.1f} KB per reader over {before:.0f} MB",
             extra={"rss_before_mb": before, "rss_after_mb": after},
         ),
-        pending(
-            SCENARIO,
-            "1,000 idle SSE readers (service RSS)",
-            "memory/idle-sse",
-            "pending endpoint: SSE routes not on this branch",
-        ),
+        await _idle_sse(ctx, readers),
     ]
+
+
+async def _idle_sse(ctx: Context, readers: int) -> Result:
+    """The service's RSS before and after `readers` SSE readers attach, one per open stream."""
+    load = SseLoad("idle-sse-", readers, 1)
+    server = await start_streamkeep(ctx.database_url)
+    try:
+        async with service_session(server.base_url) as session:
+            await create_streams(session, load.stream_ids)
+            before = rss_mb(server.pid)
+            sse = await SseReaders.start(server.base_url, load, 1, ctx.scratch, within=600)
+            try:
+                connected = await sse.connected(within=120)
+                await wait_for_live_readers(session, readers, within=60)
+                await asyncio.sleep(1)  # let every response settle into its wait
+                after = rss_mb(server.pid)
+            finally:
+                await sse.stop()
+    finally:
+        await server.stop()
+    return Result(
+        SCENARIO,
+        f"{readers:,} idle SSE readers, 1 per stream (service RSS)",
+        "memory/idle-sse",
+        value=after,
+        unit="MB",
+        targets=[TARGET],
+        status="ok" if connected == readers else "failed",
+        note=f"{(after - before) * 1024 / readers:.1f} KB per reader over {before:.0f} MB "
+        f"(the service with {readers:,} open streams); readers in another process",
+        extra={"rss_before_mb": before, "rss_after_mb": after, "connected": connected},
+    )
