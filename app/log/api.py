@@ -254,6 +254,9 @@ class AppendRequest:
     # writing: for a payload the protocol found bad, whose error ranks below
     # the stream's own (closed, producer, sequence).
     reject: StreamError | None = None
+    # Every event is an append of its own (pushed chunks queued together, one
+    # request instead of one per chunk): each ends its batch.
+    separate: bool = False
 
 
 @dataclass(slots=True)

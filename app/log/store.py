@@ -218,9 +218,17 @@ class _RunningState:
             self.last_seq += 1
             committed = [Event(stream_id, self.last_seq, e.kind, e.payload, now, e.type)]
         else:
-            last = len(events)
+            last = 0 if request.separate else len(events)  # 0: every event ends its batch
             committed = [
-                Event(stream_id, self.last_seq + i, e.kind, e.payload, now, e.type, i == last)
+                Event(
+                    stream_id,
+                    self.last_seq + i,
+                    e.kind,
+                    e.payload,
+                    now,
+                    e.type,
+                    i == last or not last,
+                )
                 for i, e in enumerate(events, start=1)
             ]
             self.last_seq = committed[-1].seq

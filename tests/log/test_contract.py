@@ -536,6 +536,26 @@ async def test_pushed_chunks_are_committed_in_order_by_flush(manager: StreamMana
     assert chunks(await collect(await manager.subscribe("s"))) == list(range(2500))
 
 
+async def test_pushed_chunks_queued_together_stay_one_append_each(manager: StreamManager) -> None:
+    """Pushes of one writer share a queued request; each is still its own append."""
+    writer = await manager.open("s")
+    other = await manager.open("t")
+    for i in range(5):
+        writer.push(i)
+    for i in range(5):
+        other.push(i)
+    sent = writer.send("awaited")
+    writer.push("after")
+    await writer.flush()
+    await other.flush()
+    await sent
+    events = await manager.read("s")
+    assert [e.json() for e in events] == [0, 1, 2, 3, 4, "awaited", "after"]
+    assert all(e.batch_end for e in events)
+    assert [e.json() for e in await manager.read("t")] == [0, 1, 2, 3, 4]
+    assert manager.stats.appends["api"] == 5 + 1 + 1 + 5
+
+
 async def test_a_lost_wakeup_is_caught_by_the_safety_recheck(make_manager: ManagerFactory) -> None:
     """Wake-ups are hints: a reader that never gets one still sees the rows."""
     producer = make_manager()
