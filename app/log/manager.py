@@ -175,10 +175,17 @@ class _Committer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [
-                self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))
-            ]
-            await self._commit(batch)
+            await self._commit(self._next_batch())
+
+    def _next_batch(self) -> list[_Pending]:
+        """Queued appends in order, up to max_batch events (coalesced pushes hold many)."""
+        batch = [self._pending.popleft()]
+        events = len(batch[0].request.events)
+        pending = self._pending
+        while pending and events + len(pending[0].request.events) <= self._max_batch:
+            events += len(pending[0].request.events)
+            batch.append(pending.popleft())
+        return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
         manager = self._manager

@@ -171,6 +171,8 @@ def _ignore_outcome(task: asyncio.Future[Any]) -> None:
 
 
 SQLITE_READERS_PER_POOL_SLOT = 4
+# Well below SQLite's limit of host parameters per statement (32,766).
+HEADS_PER_QUERY = 500
 
 
 class SqlStore:
@@ -368,10 +370,11 @@ class SqlStore:
         # per-row parameter handling cost more than SQLite's own work.
         created = self._sql.bind_time(new[0].created_at)
         raw = await conn.get_raw_connection()
+        # kind._value_: the plain attribute (.value is a property, slow once per event).
         await raw.driver_connection.executemany(  # type: ignore[union-attr]
             self._sql.insert_events,
             [
-                (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created, e.batch_end)
+                (e.stream_id, e.seq, e.kind._value_, e.type, e.payload, created, e.batch_end)
                 for e in new
             ],
         )
@@ -429,13 +432,17 @@ class SqlStore:
         rows = await self._fetch(self._sql.select_stream, (stream_id,))
         return self._sql.stream_info(rows[0], _mapping_info) if rows else None
 
-    @_finish_when_cancelled
     async def heads(self, stream_ids: Sequence[str]) -> dict[str, int]:
         if not stream_ids:
             return {}
-        query = select(streams.c.id, streams.c.last_seq).where(streams.c.id.in_(list(stream_ids)))
-        async with _translated(), self.reader.connect() as conn:
-            return {row.id: row.last_seq for row in await conn.execute(query)}
+        # Run by the SQLite poll whenever the file changed: straight to the driver.
+        ids = list(stream_ids)
+        heads: dict[str, int] = {}
+        for start in range(0, len(ids), HEADS_PER_QUERY):
+            some = ids[start : start + HEADS_PER_QUERY]
+            statement, params = self._sql.heads(some)
+            heads.update((row[0], row[1]) for row in await self._fetch(statement, params))
+        return heads
 
     async def list_streams(self, status: StreamStatus | None, limit: int) -> list[StreamInfo]:
         query = select(streams).order_by(streams.c.created_at.desc()).limit(limit)
@@ -614,6 +621,7 @@ class HotSql:
             f"ORDER BY e.seq LIMIT {p[3]}"
         )
         self.select_stream = f"SELECT {', '.join(STREAM_COLUMNS)} FROM streams WHERE id = {p[0]}"
+        self._any_id = p[0]
         # What a fork inherited: its source may be gone, its rows are kept for the fork.
         self.read_range = (
             "SELECT seq, kind, type, payload, created_at, batch_end FROM events "
@@ -639,6 +647,13 @@ class HotSql:
                 if row[name] is not None:
                     row[name] = _parse_sqlite_time(row[name])
         return info(row)
+
+    def heads(self, stream_ids: list[str]) -> tuple[str, tuple[Any, ...]]:
+        """The statement and parameters reading the last_seq of these streams."""
+        if self._text_times:  # SQLite: one placeholder per id
+            marks = ", ".join("?" * len(stream_ids))
+            return f"SELECT id, last_seq FROM streams WHERE id IN ({marks})", tuple(stream_ids)
+        return f"SELECT id, last_seq FROM streams WHERE id = ANY({self._any_id})", (stream_ids,)
 
     def bind_time(self, value: datetime) -> Any:
         if not self._text_times:

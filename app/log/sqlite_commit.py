@@ -132,10 +132,11 @@ class SqliteCommit:
         db.executemany(UPDATE_STREAM, [self._update_row(plan.info) for plan in plans])
         new = [e for plan in plans for e in plan.events]
         created = self.bind_time(new[0].created_at)
+        # kind._value_: the plain attribute (.value is a property, slow once per event).
         db.executemany(
             self.insert_events,
             [
-                (e.stream_id, e.seq, e.kind.value, e.type, e.payload, created, e.batch_end)
+                (e.stream_id, e.seq, e.kind._value_, e.type, e.payload, created, e.batch_end)
                 for e in new
             ],
         )

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamkeep.wakeup")
 
 
-# With this many watched streams or fewer, a change is checked by reading their
-# rows directly (one query each) rather than asking for all heads first.
+# With this many watched streams or fewer, another process's change is checked
+# by reading their rows directly (one query each) rather than asking for all
+# heads first. Not when this process committed too: data_version counts our
+# own commits as well, and the heads let readers skip rows we publish anyway.
 FEW_STREAMS = 2
 UNKNOWN_HEAD = 2**62
 
@@ -74,6 +76,7 @@ class SqlitePoller:
         loop = asyncio.get_running_loop()
         last_version = self._data_version()
         last_full_check = loop.time()
+        own_commits = manager.stats.commits
         while True:
             await asyncio.sleep(self._interval)
             if not manager.watched():
@@ -83,11 +86,13 @@ class SqlitePoller:
             if version is not None and version == last_version and not due:
                 continue
             last_version, last_full_check = version, loop.time()
-            await self._check_heads(manager)
+            committed_here = manager.stats.commits != own_commits
+            own_commits = manager.stats.commits
+            await self._check_heads(manager, ask_heads=committed_here)
 
-    async def _check_heads(self, manager: StreamManager) -> None:
+    async def _check_heads(self, manager: StreamManager, ask_heads: bool) -> None:
         watched = manager.watched()
-        if len(watched) <= FEW_STREAMS:
+        if len(watched) <= FEW_STREAMS and not ask_heads:
             # Cheaper to let each tail read its new rows than to ask for heads first.
             for stream_id in watched:
                 manager.hint(stream_id, UNKNOWN_HEAD)

@@ -556,6 +556,19 @@ async def test_pushed_chunks_queued_together_stay_one_append_each(manager: Strea
     assert manager.stats.appends["api"] == 5 + 1 + 1 + 5
 
 
+async def test_a_group_commit_holds_at_most_max_batch_events(make_manager: ManagerFactory) -> None:
+    """Coalesced pushes must not make one transaction of everything queued."""
+    manager = make_manager(max_batch=10)
+    await manager.start()
+    writer = await manager.open("s")
+    commits = manager.stats.commits
+    for i in range(35):
+        writer.push(i)
+    await writer.flush()
+    assert manager.stats.commits - commits == 4  # 10 + 10 + 10 + 5
+    assert [e.json() for e in await manager.read("s")] == list(range(35))
+
+
 async def test_a_lost_wakeup_is_caught_by_the_safety_recheck(make_manager: ManagerFactory) -> None:
     """Wake-ups are hints: a reader that never gets one still sees the rows."""
     producer = make_manager()
