@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
-from sqlalchemy import Row, bindparam, delete, exists, func, select, text, update
+from sqlalchemy import Row, delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
@@ -36,18 +36,16 @@ from app.log.api import (
     Event,
     EventKind,
     NewStream,
-    ProducerState,
     StreamInfo,
     StreamStatus,
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
-from app.log.schema import events, producers, streams
-from app.log.sqlite_commit import APPENDED_COLUMNS, STREAM_COLUMNS, TIME_COLUMNS, SqliteCommit
+from app.log.postgres_commit import PostgresCommit
+from app.log.schema import events, streams
+from app.log.sqlite_commit import STREAM_COLUMNS, TIME_COLUMNS, SqliteCommit
 from app.log.store import (
     AppendOutcome,
-    StreamPlan,
     already_exists,
-    plan_batch,
     plan_create,
 )
 
@@ -214,6 +212,15 @@ class SqlStore:
             if self.dialect == "sqlite"
             else None
         )
+        self._postgres_commit = (
+            PostgresCommit(
+                lambda values: self._sql.stream_info(values, _mapping_info),
+                NOTIFY_CHANNEL,
+                _notify_payloads,
+            )
+            if self.dialect == "postgresql"
+            else None
+        )
 
     # -- writes ---------------------------------------------------------------
 
@@ -287,51 +294,20 @@ class SqlStore:
         return freed
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
-        if self._sqlite_commit is not None:
-            return await self._commit_on_sqlite_thread(requests, now)
-        ids = sorted({r.stream_id for r in requests})
-        async with _translated(), self.writer.begin() as conn:
-            current = await self._lock_streams(conn, ids)
-            known = await self._load_producers(conn, requests)
-            plans, outcomes = plan_batch(requests, current, known, now)
-            if plans:
-                await self._write_plans(conn, plans, now)
-        return outcomes
-
-    async def _commit_on_sqlite_thread(
-        self, requests: Sequence[AppendRequest], now: datetime
-    ) -> list[AppendOutcome]:
-        assert self._sqlite_commit is not None
+        # The hottest transaction goes to the driver itself, in as few round trips
+        # as each allows: see sqlite_commit and postgres_commit.
         async with _translated(), self.writer.connect() as conn:
             raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection  # aiosqlite.Connection
+            driver: Any = raw.driver_connection  # aiosqlite.Connection | asyncpg.Connection
+            if self._postgres_commit is not None:
+                return await self._postgres_commit(driver, requests, now)
+            assert self._sqlite_commit is not None
             # aiosqlite's own queue to its thread (there is no public way to run a
             # function there); the pinned version range in pyproject keeps it.
             outcomes: list[AppendOutcome] = await driver._execute(
                 self._sqlite_commit, driver._conn, requests, now
             )
             return outcomes
-
-    async def _load_producers(
-        self, conn: AsyncConnection, requests: Sequence[AppendRequest]
-    ) -> dict[str, dict[str, ProducerState]]:
-        """The stored state of the producers named in `requests`, by stream.
-
-        One query per batch, and none for the usual batch without producers.
-        """
-        claims = {(r.stream_id, r.producer.producer_id) for r in requests if r.producer}
-        if not claims:
-            return {}
-        query = select(producers).where(
-            producers.c.stream_id.in_({s for s, _ in claims}),
-            producers.c.producer_id.in_({p for _, p in claims}),
-        )
-        found: dict[str, dict[str, ProducerState]] = {}
-        for row in await conn.execute(query):
-            if (row.stream_id, row.producer_id) in claims:
-                state = ProducerState(row.epoch, row.last_seq)
-                found.setdefault(row.stream_id, {})[row.producer_id] = state
-        return found
 
     async def _lock_streams(self, conn: AsyncConnection, ids: list[str]) -> dict[str, StreamInfo]:
         # ORDER BY id makes every transaction lock rows in the same order, so two
@@ -341,28 +317,6 @@ class SqlStore:
             query = query.with_for_update()
         rows = await conn.execute(query)
         return {row.id: _row_info(row) for row in rows}
-
-    async def _write_plans(
-        self, conn: AsyncConnection, plans: list[StreamPlan], now: datetime
-    ) -> None:
-        await conn.execute(
-            update(streams).where(streams.c.id == bindparam("_id")),
-            [_update_params(plan.info) for plan in plans],
-        )
-        await self._insert_events(conn, [e for plan in plans for e in plan.events])
-        states = [
-            {"stream_id": p.info.id, "producer_id": pid, "epoch": s.epoch, "last_seq": s.last_seq}
-            for p in plans
-            for pid, s in p.producers.items()
-        ]
-        if states:
-            await self._upsert_producers(conn, states, now)
-        if self.dialect == "postgresql":
-            # Delivered at COMMIT and dropped on rollback, so a wake-up never
-            # announces rows that do not exist. One NOTIFY per transaction, not
-            # per event: notifying commits are serialised cluster-wide.
-            for payload in _notify_payloads([(p.info.id, p.info.last_seq) for p in plans]):
-                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, payload)))
 
     async def _insert_events(self, conn: AsyncConnection, new: list[Event]) -> None:
         # The hottest statement goes to the driver itself (aiosqlite or asyncpg), in
@@ -377,23 +331,6 @@ class SqlStore:
                 (e.stream_id, e.seq, e.kind._value_, e.type, e.payload, created, e.batch_end)
                 for e in new
             ],
-        )
-
-    async def _upsert_producers(
-        self, conn: AsyncConnection, states: list[dict[str, Any]], now: datetime
-    ) -> None:
-        insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
-        stmt = insert(producers).values(updated_at=now)
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=["stream_id", "producer_id"],
-                set_={
-                    "epoch": stmt.excluded.epoch,
-                    "last_seq": stmt.excluded.last_seq,
-                    "updated_at": stmt.excluded.updated_at,
-                },
-            ),
-            states,
         )
 
     def _insert_ignoring_conflict(self, row: dict[str, Any]) -> Any:
@@ -731,8 +668,3 @@ def _info_row(info: StreamInfo) -> dict[str, Any]:
     row["output"] = info.output
     row["attributes"] = json.dumps(info.attributes) if info.attributes is not None else None
     return row
-
-
-def _update_params(info: StreamInfo) -> dict[str, Any]:
-    row = _info_row(info)
-    return {"_id": info.id, **{name: row[name] for name in APPENDED_COLUMNS}}
