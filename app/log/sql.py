@@ -13,6 +13,7 @@ reader asking for seq > N can never see N+2 before N+1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import sqlite3
@@ -130,6 +131,36 @@ async def _translated() -> AsyncIterator[None]:
         raise
     except (*DATABASE_ERRORS,) as exc:
         raise storage_error(exc) from exc
+
+
+@asynccontextmanager
+async def _driver(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection's driver connection (aiosqlite or asyncpg), for the
+    statements the store sends itself.
+
+    SQLAlchemy learns that a connection was lost only from statements it runs
+    itself. When one of ours fails that way, the connection is discarded here,
+    so that the pool does not hand it out again: the pool does not ping on
+    checkout, which cost three round trips per use on asyncpg.
+    """
+    async with _translated(), engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        try:
+            yield raw.driver_connection
+        except LOST_CONNECTION as exc:
+            with contextlib.suppress(Exception):
+                await conn.invalidate(exc)
+            raise
+
+
+# What a connection that is gone raises (a busy SQLite file or a bad statement
+# leaves the connection usable). 57P: the server shut down or restarts.
+LOST_CONNECTION = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.InterfaceError,
+    OSError,
+)
 
 
 P = ParamSpec("P")
@@ -296,9 +327,7 @@ class SqlStore:
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
         # The hottest transaction goes to the driver itself, in as few round trips
         # as each allows: see sqlite_commit and postgres_commit.
-        async with _translated(), self.writer.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection  # aiosqlite.Connection | asyncpg.Connection
+        async with _driver(self.writer) as driver:
             if self._postgres_commit is not None:
                 return await self._postgres_commit(driver, requests, now)
             assert self._sqlite_commit is not None
@@ -351,12 +380,19 @@ class SqlStore:
 
     @_finish_when_cancelled
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
-        async with _translated(), self.reader.connect() as conn:
-            raw = await conn.get_raw_connection()
-            return await self._sql.fetch(raw.driver_connection, statement, params)
+        async with _driver(self.reader) as driver:
+            return await self._sql.fetch(driver, statement, params)
 
     def _events(self, stream_id: str, rows: Sequence[Any]) -> list[Event]:
-        kinds, parse_time = _KINDS, self._sql.time_parser()
+        kinds = _KINDS
+        if self.dialect == "postgresql":
+            # asyncpg already gives bytes, bools and aware UTC datetimes: no
+            # conversion per row (catch-up reads are all rows).
+            return [
+                Event(stream_id, seq, kinds[kind], payload, created, type_, end)
+                for seq, kind, type_, payload, created, end in rows
+            ]
+        parse_time = self._sql.time_parser()
         return [
             Event(
                 stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_, bool(end)

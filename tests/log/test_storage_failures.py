@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from sqlalchemy.exc import DBAPIError
 
 from app.errors import Status, StreamError
-from app.log import MemoryStore, StreamManager
+from app.log import MemoryStore, StreamManager, create_manager
 from app.log.db import normalize_url
 from app.log.sql import storage_error
 
@@ -114,3 +114,39 @@ def test_a_bad_statement_stays_internal() -> None:
     adapted = AsyncAdapt_asyncpg_dbapi.Error(str(error), error)  # type: ignore[no-untyped-call]
     wrapped = DBAPIError("SELECT 1", None, adapted)
     assert storage_error(wrapped).status is Status.INTERNAL
+
+
+@pytest.mark.postgres
+async def test_a_lost_postgres_connection_fails_once_and_is_not_handed_out_again(
+    pg_url: str,
+) -> None:
+    """The pool does not ping on checkout; a connection killed under it must be
+    discarded when it fails, not given to the next request and the one after."""
+    manager = create_manager(pg_url, pool_size=1)
+    await manager.start()
+    try:
+        writer = await manager.open("s")
+        await writer.write("before")
+        await manager.read("s")  # the pool now holds the one connection, idle
+        admin = await asyncpg.connect(
+            normalize_url(pg_url).set(drivername="postgresql").render_as_string(False)
+        )
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'streamkeep' AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        failures = 0
+        for _ in range(3):
+            try:
+                await writer.write("after")
+                break
+            except StreamError as exc:
+                assert exc.status is Status.UNAVAILABLE
+                failures += 1
+        assert failures <= 1
+        assert [e.json() for e in await manager.read("s")] == ["before", "after"]
+    finally:
+        await manager.close()
