@@ -16,6 +16,7 @@ network failures: a listener could not tell the two apart.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
 from app.protocols.openapi import Error, errors
-from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
+from app.protocols.sse import KEEPALIVE, sse_response
 
 log = logging.getLogger("streamkeep.events")
 
@@ -246,8 +247,9 @@ async def sse_body(
     """The retry hint, then each batch the log has ready as one write, with keepalives."""
     yield ServerSentEventMessage(retry=settings.sse_retry_ms, data=None).encode()
     try:
-        async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
-            yield KEEPALIVE if batch is None else b"".join(framing.frame(e) for e in batch)
+        async with contextlib.aclosing(batches):  # type: ignore[type-var]
+            async for batch in batches:  # empty when idle: a keepalive
+                yield b"".join(framing.frame(e) for e in batch) if batch else KEEPALIVE
     except StreamError as exc:
         if exc.status is not Status.NOT_FOUND:
             # A passing failure (the database restarting, this replica shutting
@@ -393,7 +395,9 @@ async def read_events(
     if not info.is_open and cursor >= info.last_seq:
         # Everything including the end was delivered: 204 tells EventSource to stop.
         return Response(None, status_code=204)
-    batches = await manager.subscribe_batches(stream_id, after=cursor)
+    batches = await manager.subscribe_batches(
+        stream_id, after=cursor, idle_seconds=settings_of(request).sse_keepalive_seconds
+    )
     framing = Framing(DataEncoding.of(info.content_type), wrapped)
     base64_data = framing.encoding is DataEncoding.BASE64
     headers = {"Stream-SSE-Data-Encoding": "base64"} if base64_data else {}

@@ -18,6 +18,7 @@ and chat clients an `{"error": ...}` chunk, as the upstream itself would send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -42,7 +43,7 @@ from app.protocols import manager_of
 from app.protocols.events import cursor_from, flag_from, settings_of
 from app.protocols.openapi import JsonOrEventStream, OpenAIErrorEnvelope, errors
 from app.protocols.runs import runs_of
-from app.protocols.sse import KEEPALIVE, sse_response, with_keepalives
+from app.protocols.sse import KEEPALIVE, sse_response
 
 log = logging.getLogger("streamkeep.proxy")
 
@@ -395,14 +396,14 @@ async def openai_body(
     batches: AsyncIterator[list[Event]],
     api: Api,
     starting_after: int | None,
-    settings: Settings,
 ) -> AsyncIterator[bytes]:
     try:
-        async for batch in with_keepalives(batches, settings.sse_keepalive_seconds):
-            if batch is None:
-                yield KEEPALIVE
-            elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
-                yield body
+        async with contextlib.aclosing(batches):  # type: ignore[type-var]
+            async for batch in batches:
+                if not batch:  # idle: a keepalive
+                    yield KEEPALIVE
+                elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
+                    yield body
     except StreamError as exc:
         # After the 200 there is no status left to change, and OpenAI's dialect has
         # no frame for "reader stopped" (shutdown, database gone, stream deleted):
@@ -417,8 +418,11 @@ async def replay(
     starting_after: int | None = None,
     headers: dict[str, str] | None = None,
 ) -> Stream:
-    batches = await manager_of(request).subscribe_batches(stream_id)
-    body = openai_body(stream_id, batches, api, starting_after, settings_of(request))
+    settings = settings_of(request)
+    batches = await manager_of(request).subscribe_batches(
+        stream_id, idle_seconds=settings.sse_keepalive_seconds
+    )
+    body = openai_body(stream_id, batches, api, starting_after)
     return sse_response(request, body, headers)
 
 

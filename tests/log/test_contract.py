@@ -556,6 +556,18 @@ async def test_pushed_chunks_queued_together_stay_one_append_each(manager: Strea
     assert manager.stats.appends["api"] == 5 + 1 + 1 + 5
 
 
+async def test_an_idle_subscription_ticks_with_empty_batches(manager: StreamManager) -> None:
+    """The SSE keepalive tick: an empty batch when nothing came for idle_seconds."""
+    writer = await manager.open("s")
+    await writer.write("first")
+    batches = await manager.subscribe_batches("s", idle_seconds=0.05)
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        assert [e.json() for e in await anext(batches)] == ["first"]
+        assert await anext(batches) == []  # idle
+        await writer.done("end")
+        assert [e.json() for e in await anext(batches)] == ["end"]
+
+
 async def test_a_group_commit_holds_at_most_max_batch_events(make_manager: ManagerFactory) -> None:
     """Coalesced pushes must not make one transaction of everything queued."""
     manager = make_manager(max_batch=10)
