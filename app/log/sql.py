@@ -154,11 +154,14 @@ async def _driver(engine: AsyncEngine) -> AsyncIterator[Any]:
 
 
 # What a connection that is gone raises (a busy SQLite file or a bad statement
-# leaves the connection usable). 57P: the server shut down or restarts.
+# leaves the connection usable). 57P: the server shut down or restarts. asyncpg's
+# InternalClientError: a termination that arrived while the connection sat idle
+# in the pool ("cannot switch to state 15") leaves its protocol state unusable.
 LOST_CONNECTION = (
     asyncpg.PostgresConnectionError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
 )
 
