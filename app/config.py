@@ -26,7 +26,7 @@ class Settings:
     sweep_batch_size: int = 5000
     # How often a waiting reader on SQLite checks PRAGMA data_version for appends
     # by other processes (cheap: the streams are read only when it changed).
-    sqlite_poll_seconds: float = 0.005
+    sqlite_poll_seconds: float = 0.002
     sqlite_busy_timeout_ms: int = 5000
     sqlite_synchronous: str = "NORMAL"
     # Readers re-check their rows this often even without a wake-up.

@@ -53,7 +53,7 @@ __all__ = [
 def create_manager(
     database_url: str,
     *,
-    sqlite_poll_seconds: float = 0.005,
+    sqlite_poll_seconds: float = 0.002,
     sqlite_busy_timeout_ms: int = 5000,
     sqlite_synchronous: str = "NORMAL",
     pool_size: int = 5,

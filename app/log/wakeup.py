@@ -45,7 +45,7 @@ class SqlitePoller:
     """
 
     def __init__(
-        self, store: SqlStore, interval: float = 0.005, safety_seconds: float = 1.0
+        self, store: SqlStore, interval: float = 0.002, safety_seconds: float = 1.0
     ) -> None:
         self._store = store
         self._interval = interval
