@@ -92,7 +92,11 @@ def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> 
         # No pre-ping: on asyncpg it is three round trips (BEGIN, ";", ROLLBACK) per
         # checkout. A connection lost while in use is discarded when it fails
         # (SQLAlchemy's statements; sql._driver for ours): one 503, then a new one.
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size * 2)
+        # No overflow connections: they were closed as soon as returned, and a
+        # new asyncpg connection costs its setup and type introspection queries
+        # (a burst of 16 requests spent more time there than in its commits).
+        # Up to three times pool_size are opened as needed and then kept.
+        kwargs.update(pool_size=pool_size * 3, max_overflow=0)
     return create_async_engine(url, **kwargs)
 
 
