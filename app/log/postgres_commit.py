@@ -6,8 +6,8 @@ SQLAlchemy's statement handling on the one core the service has. Here it is
 BEGIN, one locking SELECT, one statement that updates the streams, inserts
 the events and notifies (data-modifying CTEs over arrays), and COMMIT.
 
-The statements are the Postgres forms of what `SqlStore` does through
-SQLAlchemy Core elsewhere; `tests/log` runs the same contract on every store.
+sqlite_commit.py is the same transaction for SQLite; both plan with
+store.plan_batch, and `tests/log` runs one contract against every store.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """The SQL store: SQLite through aiosqlite, Postgres through asyncpg, SQLAlchemy Core.
 
-Dialect differences are kept to a few spots: the upsert helper, the NOTIFY
-inside the append transaction, and the advisory lock of the sweeper.
+What runs per request or per event skips SQLAlchemy's statement handling and
+goes to the driver with named statements: the append transaction
+(sqlite_commit.py, postgres_commit.py, one per dialect) and the hot reads
+(HotSql). Everything else is SQLAlchemy Core, where dialect differences are
+kept to a few spots: the upsert helper and the advisory lock of the sweeper.
 
 Ordering guarantee: an append locks its stream's row (Postgres: SELECT ... FOR
 UPDATE; SQLite: BEGIN IMMEDIATE locks the whole file) and bumps last_seq in the
@@ -351,9 +354,9 @@ class SqlStore:
         return {row.id: _row_info(row) for row in rows}
 
     async def _insert_events(self, conn: AsyncConnection, new: list[Event]) -> None:
-        # The hottest statement goes to the driver itself (aiosqlite or asyncpg), in
-        # this same transaction, with one timestamp for the whole batch: SQLAlchemy's
-        # per-row parameter handling cost more than SQLite's own work.
+        # A new stream's first events (Durable Streams creates with a body, forks):
+        # to the driver, in this same transaction, with one timestamp for them all,
+        # as the append transactions do.
         created = self._sql.bind_time(new[0].created_at)
         raw = await conn.get_raw_connection()
         # kind._value_: the plain attribute (.value is a property, slow once per event).
@@ -574,11 +577,12 @@ class SqlStore:
 
 
 class HotSql:
-    """The two statements that run per event, sent to the driver directly.
+    """The statements that run per event or per request, sent to the driver directly.
 
-    Everything else goes through SQLAlchemy Core; these two skip its per-row
-    processing, which cost more than the database work itself. They run on the
-    connection (and so in the transaction) SQLAlchemy holds. Times are bound
+    They skip SQLAlchemy's statement and row processing, which cost more than
+    the database work itself: the event insert and the reads by cursor, the
+    stream lookup every request starts with, and the heads the SQLite poll
+    asks for. They run on a connection SQLAlchemy's pool holds. Times are bound
     and parsed here the way UtcDateTime stores them.
     """
 

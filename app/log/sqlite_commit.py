@@ -7,8 +7,8 @@ waits for a turn of a busy event loop: commits took 14 ms where SQLite needs
 a fraction of one. Here the transaction is one function that aiosqlite's
 thread runs from BEGIN to COMMIT, so a commit costs one round trip.
 
-The statements are the SQLite forms of what `SqlStore` does through
-SQLAlchemy Core for Postgres; `tests/log` runs the same contract against both.
+postgres_commit.py is the same transaction for Postgres; both plan with
+store.plan_batch, and `tests/log` runs one contract against every store.
 """
 
 from __future__ import annotations
