@@ -261,6 +261,23 @@ def _unexpected(exc: BaseException) -> StreamError:
     return StreamError(Status.INTERNAL, f"storage failure ({type(exc).__name__})")
 
 
+FIRST_PAGE_EVENTS = 256
+
+
+def _within_bytes(events: list[Event], budget: int) -> list[Event]:
+    """The longest prefix of `events` whose payloads fit `budget` (never empty).
+
+    What a reader holds at a time: a reader that stops reading keeps one batch,
+    its encoded frames and the unsent part of them until the stall timeout.
+    """
+    total = 0
+    for i, event in enumerate(events):
+        total += len(event.payload)
+        if total > budget and i > 0:
+            return events[:i]
+    return events
+
+
 def _release(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
@@ -490,6 +507,8 @@ class StreamManager:
         ttl_seconds: int = 300,
         idle_timeout_seconds: int | None = 600,
         page_size: int = 1000,
+        # The most payload bytes a subscription yields at once (one event may exceed it).
+        batch_bytes: int = 512 * 1024,
         max_batch: int = 1000,
         tail_window: int = 1024,
         safety_poll_seconds: float = 30.0,
@@ -504,6 +523,7 @@ class StreamManager:
         self.ttl_seconds = ttl_seconds
         self.idle_timeout_seconds = idle_timeout_seconds
         self.page_size = page_size
+        self.batch_bytes = batch_bytes
         self.tail_window = tail_window
         self.safety_poll_seconds = safety_poll_seconds
         self.sweep_batch_size = sweep_batch_size
@@ -774,14 +794,22 @@ class StreamManager:
     ) -> AsyncIterator[list[Event]]:
         stream_id = info.id
         tail = self._attach(stream_id, info.last_seq)
+        # A first page of unknown event sizes is kept small; the next ones grow
+        # back to page_size when what was read fitted batch_bytes.
+        limit = min(self.page_size, FIRST_PAGE_EVENTS)
         try:
             while True:
                 events = tail.after(cursor)
                 if events is None:
-                    events = await self.read(stream_id, cursor, info=info)
-                    if not events:
+                    page = await self.read(stream_id, cursor, limit, info=info)
+                    if not page:
                         raise not_found(stream_id)  # rows vanished below us: deleted
-                    tail.offer(events)
+                    tail.offer(page)
+                    events = _within_bytes(page, self.batch_bytes)
+                    # Large events: read as many next time as fitted this time.
+                    limit = self.page_size if len(events) == len(page) else len(events)
+                else:
+                    events = _within_bytes(events, self.batch_bytes)
                 if events:
                     for i, event in enumerate(events):
                         if event.is_terminal:

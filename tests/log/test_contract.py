@@ -568,6 +568,27 @@ async def test_an_idle_subscription_ticks_with_empty_batches(manager: StreamMana
         assert [e.json() for e in await anext(batches)] == ["end"]
 
 
+async def test_a_subscription_yields_at_most_batch_bytes_at_once(
+    make_manager: ManagerFactory,
+) -> None:
+    """A reader that stops reading holds one batch until the stall timeout:
+    large events come in several batches, from the rows and from the tail."""
+    manager = make_manager(batch_bytes=10_000, tail_window=8)
+    await manager.start()
+    writer = await manager.open("s")
+    for _ in range(30):
+        await writer.write("x" * 3000)  # 3,002 bytes of JSON each
+    await writer.done("end")
+    batches = await manager.subscribe_batches("s")
+    seqs, sizes = [], []
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            seqs += [e.seq for e in batch]
+            sizes.append(sum(len(e.payload) for e in batch))
+    assert seqs == list(range(1, 32))
+    assert max(sizes) <= 10_000 and len(sizes) >= 10
+
+
 async def test_a_group_commit_holds_at_most_max_batch_events(make_manager: ManagerFactory) -> None:
     """Coalesced pushes must not make one transaction of everything queued."""
     manager = make_manager(max_batch=10)
