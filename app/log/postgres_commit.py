@@ -19,8 +19,7 @@ from typing import Any
 from sqlalchemy.dialects import postgresql
 
 from app.log.api import AppendRequest, ProducerState, StreamInfo
-from app.log.schema import streams
-from app.log.sqlite_commit import APPENDED_COLUMNS, STREAM_COLUMNS
+from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, streams
 from app.log.store import AppendOutcome, StreamPlan, plan_batch
 
 

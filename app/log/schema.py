@@ -109,6 +109,27 @@ streams = Table(
 Index("ix_streams_expires_at", streams.c.expires_at)
 Index("ix_streams_abandon_at", streams.c.abandon_at)
 
+# The streams columns as the hand-written statements of the hot paths name them
+# (sqlite_commit, postgres_commit, sql.HotSql).
+STREAM_COLUMNS = [column.name for column in streams.c]
+TIME_COLUMNS = frozenset(c.name for c in streams.c if isinstance(c.type, UtcDateTime))
+
+# Set by appends; everything else (creation settings, forks, attributes) is not.
+APPENDED_COLUMNS = (
+    "status",
+    "updated_at",
+    "finished_at",
+    "expires_at",
+    "abandon_at",
+    "last_write_at",
+    "last_seq",
+    "output",
+    "error_status",
+    "error_message",
+    "writer_seq",
+    "closed_by",
+)
+
 events = Table(
     "events",
     metadata,

@@ -45,8 +45,8 @@ from app.log.api import (
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
 from app.log.postgres_commit import PostgresCommit
-from app.log.schema import events, streams
-from app.log.sqlite_commit import STREAM_COLUMNS, TIME_COLUMNS, SqliteCommit
+from app.log.schema import STREAM_COLUMNS, TIME_COLUMNS, events, streams
+from app.log.sqlite_commit import SqliteCommit
 from app.log.store import (
     AppendOutcome,
     already_exists,
@@ -398,7 +398,7 @@ class SqlStore:
                 Event(stream_id, seq, kinds[kind], payload, created, type_, end)
                 for seq, kind, type_, payload, created, end in rows
             ]
-        parse_time = self._sql.time_parser()
+        parse_time = self._sql.sqlite_time_parser()
         return [
             Event(
                 stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_, bool(end)
@@ -641,16 +641,16 @@ class HotSql:
         # SQLAlchemy's SQLite DateTime format, naive UTC (see schema.UtcDateTime).
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
-    def time_parser(self) -> Callable[[Any], datetime]:
-        if not self._text_times:
-            return _aware
+    @staticmethod
+    def sqlite_time_parser() -> Callable[[str], datetime]:
+        """SQLite's stored times to aware UTC (asyncpg gives those already)."""
         # Events committed together share their timestamp: parse each text once.
         cache: dict[str, datetime] = {}
 
         def parse(raw: str) -> datetime:
             parsed = cache.get(raw)
             if parsed is None:
-                parsed = cache[raw] = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+                parsed = cache[raw] = _parse_sqlite_time(raw)
             return parsed
 
         return parse
@@ -658,10 +658,6 @@ class HotSql:
 
 def _parse_sqlite_time(raw: str) -> datetime:
     return datetime.fromisoformat(raw).replace(tzinfo=UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 SQLITE_HOT_SQL = HotSql(["?"] * 7, text_times=True)

@@ -19,27 +19,9 @@ from datetime import datetime
 from typing import Any
 
 from app.log.api import AppendRequest, ProducerState, StreamInfo
-from app.log.schema import UtcDateTime, streams
+from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, TIME_COLUMNS
 from app.log.store import AppendOutcome, StreamPlan, plan_batch
 
-STREAM_COLUMNS = [column.name for column in streams.c]
-TIME_COLUMNS = frozenset(c.name for c in streams.c if isinstance(c.type, UtcDateTime))
-
-# Set by appends; everything else (creation settings, forks, attributes) is not.
-APPENDED_COLUMNS = (
-    "status",
-    "updated_at",
-    "finished_at",
-    "expires_at",
-    "abandon_at",
-    "last_write_at",
-    "last_seq",
-    "output",
-    "error_status",
-    "error_message",
-    "writer_seq",
-    "closed_by",
-)
 UPDATE_STREAM = (
     f"UPDATE streams SET {', '.join(f'{c} = :{c}' for c in APPENDED_COLUMNS)} WHERE id = :id"
 )

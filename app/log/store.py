@@ -218,16 +218,11 @@ class _RunningState:
             self.last_seq += 1
             committed = [Event(stream_id, self.last_seq, e.kind, e.payload, now, e.type)]
         else:
-            last = 0 if request.separate else len(events)  # 0: every event ends its batch
+            # Coalesced pushes are appends of one event each: every one ends its batch.
+            last, each = len(events), request.separate
             committed = [
                 Event(
-                    stream_id,
-                    self.last_seq + i,
-                    e.kind,
-                    e.payload,
-                    now,
-                    e.type,
-                    i == last or not last,
+                    stream_id, self.last_seq + i, e.kind, e.payload, now, e.type, each or i == last
                 )
                 for i, e in enumerate(events, start=1)
             ]
