@@ -34,14 +34,17 @@ class FakeClock:
 
 
 class CallCounter:
-    """Counts the calls of an async method, e.g. store.read, by wrapping it in place."""
+    """Counts the calls of an async method, e.g. store.read, by wrapping it in place;
+    `calls` keeps each call's positional arguments."""
 
     def __init__(self, target: object, method: str) -> None:
         self.count = 0
+        self.calls: list[tuple[Any, ...]] = []
         original = getattr(target, method)
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             self.count += 1
+            self.calls.append(args)
             return await original(*args, **kwargs)
 
         setattr(target, method, counted)

@@ -278,6 +278,17 @@ def _within_bytes(events: list[Event], budget: int) -> list[Event]:
     return events
 
 
+def _page_limit(page: list[Event], budget: int, page_size: int) -> int:
+    """How many events the next read should ask for: about `budget` bytes of them.
+
+    Sized from the events just read, so that a stream of large events is not
+    read page_size at a time and then cut down (50 readers of 2 KB events read
+    2 MB pages each and held hundreds of MB between them).
+    """
+    average = sum(len(event.payload) for event in page) / len(page)
+    return max(1, min(page_size, int(budget / max(average, 1.0))))
+
+
 def _release(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
         waiter.set_result(False)
@@ -507,8 +518,11 @@ class StreamManager:
         ttl_seconds: int = 300,
         idle_timeout_seconds: int | None = 600,
         page_size: int = 1000,
-        # The most payload bytes a subscription yields at once (one event may exceed it).
-        batch_bytes: int = 512 * 1024,
+        # The most payload bytes a subscription yields at once (one event may exceed
+        # it). A stalled SSE reader holds about three times this: the events, their
+        # frames and the unsent part in the transport. The transport pauses the
+        # response above 64 KiB anyway (asyncio's high-water mark).
+        batch_bytes: int = 128 * 1024,
         max_batch: int = 1000,
         tail_window: int = 1024,
         safety_poll_seconds: float = 30.0,
@@ -794,8 +808,8 @@ class StreamManager:
     ) -> AsyncIterator[list[Event]]:
         stream_id = info.id
         tail = self._attach(stream_id, info.last_seq)
-        # A first page of unknown event sizes is kept small; the next ones grow
-        # back to page_size when what was read fitted batch_bytes.
+        # A first page of unknown event sizes is kept small; the next ones are
+        # sized from the events read so far.
         limit = min(self.page_size, FIRST_PAGE_EVENTS)
         try:
             while True:
@@ -806,8 +820,7 @@ class StreamManager:
                         raise not_found(stream_id)  # rows vanished below us: deleted
                     tail.offer(page)
                     events = _within_bytes(page, self.batch_bytes)
-                    # Large events: read as many next time as fitted this time.
-                    limit = self.page_size if len(events) == len(page) else len(events)
+                    limit = _page_limit(page, self.batch_bytes, self.page_size)
                 else:
                     events = _within_bytes(events, self.batch_bytes)
                 if events:

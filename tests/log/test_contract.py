@@ -589,6 +589,29 @@ async def test_a_subscription_yields_at_most_batch_bytes_at_once(
     assert max(sizes) <= 10_000 and len(sizes) >= 10
 
 
+async def test_a_subscription_reads_pages_of_about_batch_bytes(
+    make_manager: ManagerFactory,
+) -> None:
+    """Regression: after a page that fitted, the next read asked for page_size
+    events again. Fifty readers of 2 KB events each read 2 MB pages to keep
+    512 KiB of them, and a clean-clone run went over the stalled-readers limit."""
+    manager = make_manager(batch_bytes=10_000, page_size=1000, tail_window=4)
+    await manager.start()
+    writer = await manager.open("s")
+    for _ in range(40):
+        await writer.write("x" * 3000)
+    await writer.done("end")
+    reads = CallCounter(manager.store, "read")
+    batches = await manager.subscribe_batches("s")
+    seqs = []
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            seqs += [e.seq for e in batch]
+    assert seqs == list(range(1, 42))
+    limits = [limit for _stream, _after, limit, _now in reads.calls]
+    assert len(limits) > 5 and max(limits[1:]) <= 10_000 // 3000
+
+
 async def test_a_group_commit_holds_at_most_max_batch_events(make_manager: ManagerFactory) -> None:
     """Coalesced pushes must not make one transaction of everything queued."""
     manager = make_manager(max_batch=10)
