@@ -133,12 +133,10 @@ APPENDED_COLUMNS = (
 events = Table(
     "events",
     metadata,
-    Column(
-        "stream_id",
-        Text,
-        ForeignKey("streams.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    # No foreign key to streams (migration 0004): Postgres checked it for every
+    # inserted event, most of a flow's commit. Appends lock the stream's row and
+    # deletions delete the events themselves, in the same transaction.
+    Column("stream_id", Text, nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("kind", Text, nullable=False),
     # An event type name for typed streams (SSE `event:`); null for plain chunks.

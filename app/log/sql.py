@@ -288,9 +288,9 @@ class SqlStore:
     async def _drop(
         self, conn: AsyncConnection, ids: list[str], now: datetime, *, only_expired: bool
     ) -> dict[str, int]:
-        """Delete streams no fork reads (events and producers follow by cascade), then
-        each source whose last fork this was, if it is gone. Returns the deleted
-        ids with the number of their own events."""
+        """Delete streams no fork reads, with their events (producers follow by
+        cascade), then each source whose last fork this was, if it is gone.
+        Returns the deleted ids with the number of their own events."""
         dropped: dict[str, int] = {}
         while ids:
             query = delete(streams).where(streams.c.id.in_(ids), streams.c.fork_count == 0)
@@ -303,6 +303,10 @@ class SqlStore:
                     )
                 )
             ).all()
+            if rows:
+                # Events have no foreign key (migration 0004): they go here, by name.
+                gone = [row.id for row in rows]
+                await conn.execute(delete(events).where(events.c.stream_id.in_(gone)))
             dropped.update((row.id, row.last_seq - row.fork_seq) for row in rows)
             sources = [row.forked_from for row in rows if row.forked_from is not None]
             ids = await self._release(conn, sources, now)
@@ -470,7 +474,7 @@ class SqlStore:
     async def purge_expired(self, now: datetime, batch_size: int) -> tuple[int, int]:
         """Delete expired streams, never more than about `batch_size` rows per transaction.
 
-        Small streams go many at a time (the events follow by ON DELETE CASCADE);
+        Small streams go many at a time, with their events in the same transaction;
         a large stream loses its events in seq ranges first, so that no single
         transaction holds the write lock for long.
         """
