@@ -138,10 +138,10 @@ class _Committer:
         self._enqueue(_Pending(request, future, detailed=detailed))
         return future
 
-    def push(self, request: AppendRequest, on_failure: FailureSink) -> None:
-        """Queue without a future: the cheapest way to stream many small events.
+    def push(self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink) -> None:
+        """Queue one event without a future: the cheapest way to stream many.
 
-        Consecutive pushes of one writer share one queued request (each chunk
+        Consecutive pushes of one writer share one queued request (each event
         still its own append): per-request work was a third of a flow's cost.
         """
         last = self._pending[-1] if self._pending else None
@@ -150,12 +150,12 @@ class _Committer:
             and last.future is None
             and last.on_failure == on_failure
             and last.request.separate
-            and last.request.stream_id == request.stream_id
+            and last.request.stream_id == stream_id
             and len(last.request.events) < self._max_batch
         ):
-            last.request.events.extend(request.events)
+            last.request.events.append(event)
             return
-        request.separate = True
+        request = AppendRequest(stream_id, [event], origin=origin, separate=True)
         self._enqueue(_Pending(request, None, on_failure))
 
     def _enqueue(self, pending: _Pending) -> None:
@@ -445,7 +445,9 @@ class StreamWriter:
         raises it. Chunks are committed in the order they were pushed.
         """
         self._check_open()
-        self._manager._push(self._request([NewEvent.chunk(chunk, type)]), self._remember)
+        self._manager._push(
+            self.stream_id, self.origin, NewEvent.chunk(chunk, type), self._remember
+        )
 
     def _request(self, events: list[NewEvent]) -> AppendRequest:
         return AppendRequest(self.stream_id, events, origin=self.origin)
@@ -680,10 +682,11 @@ class StreamManager:
             if len(event.payload) > self.max_event_bytes:
                 raise too_large("the event", len(event.payload), self.max_event_bytes)
 
-    def _push(self, request: AppendRequest, on_failure: FailureSink) -> None:
+    def _push(self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink) -> None:
         # The size limit holds for pushed chunks too (a flow's send_chunk).
-        self._check_sizes(request.events)
-        self._committer_started().push(request, on_failure)
+        if len(event.payload) > self.max_event_bytes:
+            raise too_large("the event", len(event.payload), self.max_event_bytes)
+        self._committer_started().push(stream_id, origin, event, on_failure)
 
     def _committer_started(self) -> _Committer:
         if self._committer is None:
