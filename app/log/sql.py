@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
+import msgspec
 from sqlalchemy import Row, delete, exists, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -44,6 +45,7 @@ from app.log.api import (
     StreamStatus,
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine
+from app.log.driver_pool import DriverPool
 from app.log.postgres_commit import PostgresCommit
 from app.log.schema import STREAM_COLUMNS, TIME_COLUMNS, events, streams
 from app.log.sqlite_commit import SqliteCommit
@@ -206,6 +208,10 @@ def _ignore_outcome(task: asyncio.Future[Any]) -> None:
 
 
 SQLITE_READERS_PER_POOL_SLOT = 4
+# Connections the read pool keeps per pool_size slot, of the engine's: on SQLite
+# 3 of the reader engine's 4, on Postgres 2 of the shared engine's 3 (commits and
+# SQLAlchemy's statements use the rest).
+READ_POOL_SLOTS = {"sqlite": 3, "postgresql": 2}
 # Well below SQLite's limit of host parameters per statement (32,766).
 HEADS_PER_QUERY = 500
 
@@ -238,6 +244,11 @@ class SqlStore:
         else:
             self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
         self._sql = SQLITE_HOT_SQL if self.dialect == "sqlite" else POSTGRES_HOT_SQL
+        # Kept for the one-statement reads; the engine keeps the rest of its
+        # connections for SQLAlchemy's own statements (and, on Postgres, commits).
+        self._read_pool = DriverPool(
+            self.reader, pool_size * READ_POOL_SLOTS[self.dialect], LOST_CONNECTION
+        )
         self.closed = False
         self._reads: set[asyncio.Future[Any]] = set()  # see _finish_when_cancelled
         self._sqlite_commit = (
@@ -390,8 +401,15 @@ class SqlStore:
 
     @_finish_when_cancelled
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
-        async with _driver(self.reader) as driver:
-            return await self._sql.fetch(driver, statement, params)
+        async with _translated():
+            try:
+                async with self._read_pool.connection() as driver:
+                    return await self._sql.fetch(driver, statement, params)
+            except LOST_CONNECTION:
+                # A kept connection the server dropped while it sat idle (a restart,
+                # a failover): it is discarded, and a read can simply run again.
+                async with self._read_pool.connection() as driver:
+                    return await self._sql.fetch(driver, statement, params)
 
     def _events(self, stream_id: str, rows: Sequence[Any]) -> list[Event]:
         kinds = _KINDS
@@ -402,7 +420,7 @@ class SqlStore:
                 Event(stream_id, seq, kinds[kind], payload, created, type_, end)
                 for seq, kind, type_, payload, created, end in rows
             ]
-        parse_time = self._sql.sqlite_time_parser()
+        parse_time = _parse_sqlite_time  # events committed together share their time
         return [
             Event(
                 stream_id, seq, kinds[kind], bytes(payload), parse_time(created), type_, bool(end)
@@ -575,6 +593,7 @@ class SqlStore:
         self.closed = True
         if self._reads:
             await asyncio.wait(self._reads)
+        await self._read_pool.close()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
@@ -645,23 +664,20 @@ class HotSql:
         # SQLAlchemy's SQLite DateTime format, naive UTC (see schema.UtcDateTime).
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
-    @staticmethod
-    def sqlite_time_parser() -> Callable[[str], datetime]:
-        """SQLite's stored times to aware UTC (asyncpg gives those already)."""
-        # Events committed together share their timestamp: parse each text once.
-        cache: dict[str, datetime] = {}
-
-        def parse(raw: str) -> datetime:
-            parsed = cache.get(raw)
-            if parsed is None:
-                parsed = cache[raw] = _parse_sqlite_time(raw)
-            return parsed
-
-        return parse
-
 
 def _parse_sqlite_time(raw: str) -> datetime:
-    return datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    parsed = _PARSED_TIMES.get(raw)
+    if parsed is None:
+        if len(_PARSED_TIMES) >= 4096:
+            _PARSED_TIMES.clear()
+        parsed = _PARSED_TIMES[raw] = datetime.fromisoformat(raw).replace(tzinfo=UTC)
+    return parsed
+
+
+# A stream's row is looked up by every request to it, with the same stored
+# times each time (created, updated, expires...), and events committed together
+# share theirs: parsing them was a tenth of an HTTP append's main-thread time.
+_PARSED_TIMES: dict[str, datetime] = {}
 
 
 SQLITE_HOT_SQL = HotSql(["?"] * 7, text_times=True)
@@ -687,6 +703,9 @@ def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
     return payloads
 
 
+# Stored by json.dumps (_info_row); msgspec reads it back to the same values, faster.
+_decode_json = msgspec.json.Decoder().decode
+
 # StreamInfo's fields are the streams columns; these three are encoded on the way.
 _ENCODED_FIELDS = ("status", "output", "attributes")
 _PLAIN_FIELDS = [f.name for f in fields(StreamInfo) if f.name not in _ENCODED_FIELDS]
@@ -701,7 +720,7 @@ def _mapping_info(m: Mapping[Any, Any]) -> StreamInfo:
         **{name: m[name] for name in _PLAIN_FIELDS},
         status=_STATUSES[m["status"]],
         output=bytes(m["output"]) if m["output"] is not None else None,
-        attributes=json.loads(m["attributes"]) if m["attributes"] is not None else None,
+        attributes=_decode_json(m["attributes"]) if m["attributes"] is not None else None,
     )
 
 

@@ -1,0 +1,69 @@
+"""The read pool: bounded, fair to waiters (also cancelled ones), and it gives back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.log.db import normalize_url, sqlite_engine
+from app.log.driver_pool import DriverPool
+
+
+@pytest.fixture
+async def engine(sqlite_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = sqlite_engine(normalize_url(sqlite_url), writer=False, pool_size=4)
+    yield engine
+    await engine.dispose()
+
+
+async def hold(pool: DriverPool, release: asyncio.Event, holding: list[int]) -> None:
+    async with pool.connection() as driver:
+        holding.append(1)
+        assert (await driver.execute_fetchall("SELECT 1", ())) == [(1,)]
+        await release.wait()
+        holding.pop()
+
+
+async def test_at_most_size_connections_and_waiters_get_them_in_turn(engine: AsyncEngine) -> None:
+    pool = DriverPool(engine, 2, (OSError,))
+    release, holding = asyncio.Event(), list[int]()
+    users = [asyncio.create_task(hold(pool, release, holding)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    assert len(holding) == 2 and engine.pool.checkedout() == 2  # type: ignore[attr-defined]
+    release.set()
+    await asyncio.wait_for(asyncio.gather(*users), 5)
+    assert engine.pool.checkedout() == 2  # type: ignore[attr-defined]  # kept
+    await pool.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_cancelled_waiter_passes_its_turn_on(engine: AsyncEngine) -> None:
+    pool = DriverPool(engine, 1, (OSError,))
+    release, holding = asyncio.Event(), list[int]()
+    first = asyncio.create_task(hold(pool, release, holding))
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.create_task(hold(pool, asyncio.Event(), []))
+    waiting = asyncio.create_task(hold(pool, release, holding))
+    await asyncio.sleep(0.05)
+    release.set()  # the first gives back: the turn goes to `cancelled` ...
+    await asyncio.sleep(0)
+    cancelled.cancel()  # ... which is cancelled before it runs
+    await asyncio.wait_for(asyncio.gather(first, waiting), 5)
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    await pool.close()
+
+
+async def test_a_lost_connection_is_dropped_and_replaced(engine: AsyncEngine) -> None:
+    pool = DriverPool(engine, 1, (ConnectionResetError,))
+    with pytest.raises(ConnectionResetError):
+        async with pool.connection():
+            raise ConnectionResetError("the server went away")
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # invalidated
+    async with pool.connection() as driver:
+        assert (await driver.execute_fetchall("SELECT 2", ())) == [(2,)]
+    await pool.close()
