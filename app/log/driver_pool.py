@@ -49,21 +49,24 @@ class DriverPool:
         await self._give_back(held)
 
     async def _take(self) -> tuple[AsyncConnection, Any]:
+        woken = False
         while True:
             if self._idle:
                 return self._idle.pop()
             if self._open < self._size:
                 return await self._check_out()
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            # Woken, but a newcomer took the connection first: wait at the front.
+            (self._waiters.appendleft if woken else self._waiters.append)(waiter)
             try:
                 await waiter
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
+                if not waiter.cancelled():
                     self._wake_one()  # it was our turn: pass it on
-                else:
+                elif waiter in self._waiters:  # (_wake_one may have dropped it)
                     self._waiters.remove(waiter)
                 raise
+            woken = True
 
     async def _check_out(self) -> tuple[AsyncConnection, Any]:
         self._open += 1

@@ -67,3 +67,22 @@ async def test_a_lost_connection_is_dropped_and_replaced(engine: AsyncEngine) ->
     async with pool.connection() as driver:
         assert (await driver.execute_fetchall("SELECT 2", ())) == [(2,)]
     await pool.close()
+
+
+async def test_a_waiter_cancelled_as_the_turns_move_on_just_ends(engine: AsyncEngine) -> None:
+    """Regression: the turn skipped a cancelled waiter and dropped it from the
+    queue; the waiter then removed itself again and raised ValueError instead of
+    being cancelled."""
+    pool = DriverPool(engine, 1, (OSError,))
+    release, holding = asyncio.Event(), list[int]()
+    holder = asyncio.create_task(hold(pool, release, holding))
+    await asyncio.sleep(0.05)
+    cancelled = asyncio.create_task(hold(pool, asyncio.Event(), []))
+    waiting = asyncio.create_task(hold(pool, release, holding))
+    await asyncio.sleep(0.05)
+    release.set()  # the holder runs first: it gives back, skipping `cancelled`
+    cancelled.cancel()
+    await asyncio.wait_for(asyncio.gather(holder, waiting), 5)
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    await pool.close()
