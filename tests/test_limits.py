@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
 
 from app.errors import Status, StreamError
+from app.flows import Flow, SendChunk
+from app.flows.runner import FlowRunner
 from app.log import StreamManager
 from tests.conftest import ManagerFactory, ServerFactory
 from tests.support import free_port
@@ -200,3 +203,29 @@ async def test_too_large_pushed_chunk_is_refused_too(make_manager: ManagerFactor
     assert err.value.http == 413
     await writer.flush()
     assert (await manager.info("s")).last_seq == 0
+
+
+async def test_a_flow_that_awaits_send_chunk_runs_with_a_bounded_backlog(
+    make_manager: ManagerFactory,
+) -> None:
+    """send_chunk returns what push returns: a flow faster than the database may
+    await it, and then never has much more than the limit waiting in memory."""
+    manager = make_manager(push_backlog_bytes=20_000)
+    await manager.start()
+    most_waiting = 0
+
+    async def firehose(data: Any, send_chunk: SendChunk) -> str:
+        nonlocal most_waiting
+        for n in range(400):
+            await send_chunk(f"{n:04d}" + "x" * 500)
+            committed = manager.stats.appends.get("flows", 0)
+            most_waiting = max(most_waiting, (n + 1) - committed)
+        return "done"
+
+    runner = FlowRunner(manager)
+    stream_id = await runner.start(Flow("firehose", firehose), None)
+    events = await manager.subscribe(stream_id)
+    received = [event async for event in events]
+    assert len(received) == 401 and received[-1].json() == "done"
+    # 20,000 bytes are 39 chunks of 506; one more may join before the wait.
+    assert most_waiting <= 40

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, overload
 
-SendChunk = Callable[[Any], None]
+SendChunk = Callable[[Any], Awaitable[None]]
 FlowFunction = Callable[[Any, SendChunk], Awaitable[Any]]
 
 

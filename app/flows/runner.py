@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from app.errors import Status, StreamError
@@ -45,10 +46,10 @@ class FlowRunner:
         return stream_id
 
     async def _run(self, flow: Flow, data: Any, writer: StreamWriter) -> None:
-        def send_chunk(chunk: Any) -> None:
+        def send_chunk(chunk: Any) -> Awaitable[None]:
             # Raises a storage failure of an earlier chunk: the flow stops there.
             try:
-                writer.push(chunk)
+                return writer.push(chunk)
             except TypeError as exc:
                 raise StreamError(
                     Status.INVALID_ARGUMENT, f"chunk is not JSON-serialisable: {exc}"

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -86,10 +86,22 @@ class Notifier(Protocol):
 FailureSink = Callable[[StreamError], None]
 
 
+class _Ready:
+    """An awaitable that is done at once: what push returns while there is room
+    (cheaper than a Future per chunk, and no loop is needed to make it)."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator, finished before its first step
+
+
+_READY = _Ready()
+
+
 class _Pending:
     """A queued append; it reports to a future, or (pushed appends) only its failure."""
 
-    __slots__ = ("detailed", "future", "on_failure", "request")
+    __slots__ = ("detailed", "future", "on_failure", "pushed_bytes", "request")
 
     def __init__(
         self,
@@ -103,6 +115,7 @@ class _Pending:
         self.future = future
         self.on_failure = on_failure
         self.detailed = detailed
+        self.pushed_bytes = 0  # payload of the pushed events it holds (push backlog)
 
     def fail(self, error: StreamError) -> None:
         if self.future is not None:
@@ -132,18 +145,27 @@ class _Committer:
         self._enqueued = 0
         self._settled = 0
         self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        # Pushed payload bytes not yet settled, and the future of producers that
+        # wait for the backlog to shrink (see StreamWriter.push).
+        self._pushed_bytes = 0
+        self._room: asyncio.Future[None] | None = None
 
     def submit(self, request: AppendRequest, detailed: bool = False) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(request, future, detailed=detailed))
         return future
 
-    def push(self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink) -> None:
+    def push(
+        self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink
+    ) -> Awaitable[None]:
         """Queue one event without a future: the cheapest way to stream many.
 
         Consecutive pushes of one writer share one queued request (each event
         still its own append): per-request work was a third of a flow's cost.
+        Returns what a producer may await for the push backlog to shrink.
         """
+        size = len(event.payload)
+        self._pushed_bytes += size
         last = self._pending[-1] if self._pending else None
         if (
             last is not None
@@ -154,9 +176,30 @@ class _Committer:
             and len(last.request.events) < self._max_batch
         ):
             last.request.events.append(event)
-            return
-        request = AppendRequest(stream_id, [event], origin=origin, separate=True)
-        self._enqueue(_Pending(request, None, on_failure))
+            last.pushed_bytes += size
+        else:
+            request = AppendRequest(stream_id, [event], origin=origin, separate=True)
+            pending = _Pending(request, None, on_failure)
+            pending.pushed_bytes = size
+            self._enqueue(pending)
+        return self._room_for_pushes()
+
+    def _room_for_pushes(self) -> Awaitable[None]:
+        if self._pushed_bytes <= self._manager.push_backlog_bytes:
+            return _READY
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    def _settle_pushes(self, batch: list[_Pending]) -> None:
+        """Committed or failed, pushed events leave the backlog; waiting producers
+        go on once it is down to half the limit (not one chunk at a time)."""
+        self._pushed_bytes -= sum(p.pushed_bytes for p in batch)
+        room = self._room
+        if room is not None and self._pushed_bytes <= self._manager.push_backlog_bytes // 2:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
 
     def _enqueue(self, pending: _Pending) -> None:
         self._enqueued += 1
@@ -199,6 +242,7 @@ class _Committer:
             for p in batch:
                 p.fail(error)
             self._settle(len(batch))
+            self._settle_pushes(batch)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
@@ -222,6 +266,7 @@ class _Committer:
         manager._publish(committed)
         manager._commit_finished()
         self._settle(len(batch))
+        self._settle_pushes(batch)
 
     async def drain(self) -> None:
         await self._idle.wait()
@@ -438,14 +483,19 @@ class StreamWriter:
         self._check_open()
         return self._manager.submit(self._request([NewEvent.chunk(chunk, type)]))
 
-    def push(self, chunk: Any, *, type: str | None = None) -> None:
+    def push(self, chunk: Any, *, type: str | None = None) -> Awaitable[None]:
         """Queue a chunk without waiting and without a future (the fastest way to stream).
 
         A failure is remembered: the next push, `flush`, `done` or `error`
         raises it. Chunks are committed in the order they were pushed.
+
+        Returns an awaitable a producer may await, or ignore: it is done at once
+        unless more than `push_backlog_bytes` of pushed chunks wait for their
+        commit, and then once that backlog is down to half. A producer faster than
+        the database awaits it to hold its memory bounded.
         """
         self._check_open()
-        self._manager._push(
+        return self._manager._push(
             self.stream_id, self.origin, NewEvent.chunk(chunk, type), self._remember
         )
 
@@ -526,6 +576,9 @@ class StreamManager:
         # response above 64 KiB anyway (asyncio's high-water mark).
         batch_bytes: int = 128 * 1024,
         max_batch: int = 1000,
+        # Pushed chunks waiting for their commit beyond which what push() returns
+        # makes its producer wait (see StreamWriter.push).
+        push_backlog_bytes: int = 16 * 1024 * 1024,
         tail_window: int = 1024,
         safety_poll_seconds: float = 30.0,
         sweep_batch_size: int = 5000,
@@ -546,6 +599,7 @@ class StreamManager:
         self.max_event_bytes = max_event_bytes
         self.max_readers_per_stream = max_readers_per_stream
         self.max_open_streams = max_open_streams
+        self.push_backlog_bytes = push_backlog_bytes
         self._max_batch = max_batch
         self._committer: _Committer | None = None
         self._tails: dict[str, _Tail] = {}
@@ -682,11 +736,13 @@ class StreamManager:
             if len(event.payload) > self.max_event_bytes:
                 raise too_large("the event", len(event.payload), self.max_event_bytes)
 
-    def _push(self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink) -> None:
+    def _push(
+        self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink
+    ) -> Awaitable[None]:
         # The size limit holds for pushed chunks too (a flow's send_chunk).
         if len(event.payload) > self.max_event_bytes:
             raise too_large("the event", len(event.payload), self.max_event_bytes)
-        self._committer_started().push(stream_id, origin, event, on_failure)
+        return self._committer_started().push(stream_id, origin, event, on_failure)
 
     def _committer_started(self) -> _Committer:
         if self._committer is None:

@@ -612,6 +612,26 @@ async def test_a_subscription_reads_pages_of_about_batch_bytes(
     assert len(limits) > 5 and max(limits[1:]) <= 10_000 // 3000
 
 
+async def test_a_push_beyond_the_backlog_limit_can_be_awaited_until_there_is_room(
+    make_manager: ManagerFactory,
+) -> None:
+    """A producer faster than the database awaits what push returns: memory stays
+    bounded. Within the limit it is done at once; beyond it, once the backlog
+    is down to half the limit (here: everything pushed is committed)."""
+    manager = make_manager(push_backlog_bytes=10_000)
+    await manager.start()
+    writer = await manager.open("s")
+    early = writer.push("x" * 1000)  # 1,002 bytes of JSON: well within
+    assert not isinstance(early, asyncio.Future)
+    await early
+    for _ in range(20):
+        late = writer.push("x" * 1000)
+    assert isinstance(late, asyncio.Future) and not late.done()
+    await asyncio.wait_for(late, 10)
+    assert (await manager.info("s")).last_seq == 21
+    assert not isinstance(writer.push("x"), asyncio.Future)  # room again
+
+
 async def test_a_group_commit_holds_at_most_max_batch_events(make_manager: ManagerFactory) -> None:
     """Coalesced pushes must not make one transaction of everything queued."""
     manager = make_manager(max_batch=10)
