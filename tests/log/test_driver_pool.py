@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -41,19 +40,31 @@ async def test_at_most_size_connections_and_waiters_get_them_in_turn(engine: Asy
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
-async def test_a_cancelled_waiter_passes_its_turn_on(engine: AsyncEngine) -> None:
+@pytest.mark.parametrize(
+    "turn_reached_it",
+    [
+        pytest.param(True, id="cancelled-after-its-turn-came"),
+        # Regression: the turn skipped the cancelled waiter and dropped it from the
+        # queue; the waiter then removed itself again and raised ValueError.
+        pytest.param(False, id="cancelled-before-its-turn-came"),
+    ],
+)
+async def test_a_cancelled_waiter_just_ends_and_the_next_one_is_served(
+    engine: AsyncEngine, turn_reached_it: bool
+) -> None:
     pool = DriverPool(engine, 1, (OSError,))
     release, holding = asyncio.Event(), list[int]()
-    first = asyncio.create_task(hold(pool, release, holding))
+    holder = asyncio.create_task(hold(pool, release, holding))
     await asyncio.sleep(0.05)
     cancelled = asyncio.create_task(hold(pool, asyncio.Event(), []))
     waiting = asyncio.create_task(hold(pool, release, holding))
     await asyncio.sleep(0.05)
-    release.set()  # the first gives back: the turn goes to `cancelled` ...
-    await asyncio.sleep(0)
-    cancelled.cancel()  # ... which is cancelled before it runs
-    await asyncio.wait_for(asyncio.gather(first, waiting), 5)
-    with contextlib.suppress(asyncio.CancelledError):
+    release.set()  # the holder gives back when it runs ...
+    if turn_reached_it:
+        await asyncio.sleep(0)  # ... now: the turn goes to `cancelled`
+    cancelled.cancel()  # (otherwise the holder runs after this and skips it)
+    await asyncio.wait_for(asyncio.gather(holder, waiting), 5)
+    with pytest.raises(asyncio.CancelledError):
         await cancelled
     await pool.close()
 
@@ -66,23 +77,4 @@ async def test_a_lost_connection_is_dropped_and_replaced(engine: AsyncEngine) ->
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]  # invalidated
     async with pool.connection() as driver:
         assert (await driver.execute_fetchall("SELECT 2", ())) == [(2,)]
-    await pool.close()
-
-
-async def test_a_waiter_cancelled_as_the_turns_move_on_just_ends(engine: AsyncEngine) -> None:
-    """Regression: the turn skipped a cancelled waiter and dropped it from the
-    queue; the waiter then removed itself again and raised ValueError instead of
-    being cancelled."""
-    pool = DriverPool(engine, 1, (OSError,))
-    release, holding = asyncio.Event(), list[int]()
-    holder = asyncio.create_task(hold(pool, release, holding))
-    await asyncio.sleep(0.05)
-    cancelled = asyncio.create_task(hold(pool, asyncio.Event(), []))
-    waiting = asyncio.create_task(hold(pool, release, holding))
-    await asyncio.sleep(0.05)
-    release.set()  # the holder runs first: it gives back, skipping `cancelled`
-    cancelled.cancel()
-    await asyncio.wait_for(asyncio.gather(holder, waiting), 5)
-    with pytest.raises(asyncio.CancelledError):
-        await cancelled
     await pool.close()
