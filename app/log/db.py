@@ -91,7 +91,8 @@ def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> 
     else:
         # No pre-ping: on asyncpg it is three round trips (BEGIN, ";", ROLLBACK) per
         # checkout. A connection lost while in use is discarded when it fails
-        # (SQLAlchemy's statements; sql._driver for ours): one 503, then a new one.
+        # (SQLAlchemy's statements; sql._driver and DriverPool for ours): an append
+        # gets one 503, a read runs again on a new connection.
         # No overflow connections: they were closed as soon as returned, and a
         # new asyncpg connection costs its setup and type introspection queries
         # (a burst of 16 requests spent more time there than in its commits).

@@ -733,15 +733,16 @@ class StreamManager:
 
     def _check_sizes(self, events: Iterable[NewEvent]) -> None:
         for event in events:
-            if len(event.payload) > self.max_event_bytes:
-                raise too_large("the event", len(event.payload), self.max_event_bytes)
+            self._check_size(event)
+
+    def _check_size(self, event: NewEvent) -> None:
+        if len(event.payload) > self.max_event_bytes:
+            raise too_large("the event", len(event.payload), self.max_event_bytes)
 
     def _push(
         self, stream_id: str, origin: str, event: NewEvent, on_failure: FailureSink
     ) -> Awaitable[None]:
-        # The size limit holds for pushed chunks too (a flow's send_chunk).
-        if len(event.payload) > self.max_event_bytes:
-            raise too_large("the event", len(event.payload), self.max_event_bytes)
+        self._check_size(event)  # pushed chunks too (a flow's send_chunk)
         return self._committer_started().push(stream_id, origin, event, on_failure)
 
     def _committer_started(self) -> _Committer:

@@ -403,13 +403,15 @@ class SqlStore:
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
         async with _translated():
             try:
-                async with self._read_pool.connection() as driver:
-                    return await self._sql.fetch(driver, statement, params)
+                return await self._fetch_once(statement, params)
             except LOST_CONNECTION:
                 # A kept connection the server dropped while it sat idle (a restart,
                 # a failover): it is discarded, and a read can simply run again.
-                async with self._read_pool.connection() as driver:
-                    return await self._sql.fetch(driver, statement, params)
+                return await self._fetch_once(statement, params)
+
+    async def _fetch_once(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
+        async with self._read_pool.connection() as driver:
+            return await self._sql.fetch(driver, statement, params)
 
     def _events(self, stream_id: str, rows: Sequence[Any]) -> list[Event]:
         kinds = _KINDS
@@ -605,7 +607,8 @@ class HotSql:
     They skip SQLAlchemy's statement and row processing, which cost more than
     the database work itself: the event insert and the reads by cursor, the
     stream lookup every request starts with, and the heads the SQLite poll
-    asks for. They run on a connection SQLAlchemy's pool holds. Times are bound
+    asks for. They run on connections of SQLAlchemy's pool (the reads on ones kept
+    by driver_pool.DriverPool). Times are bound
     and parsed here the way UtcDateTime stores them.
     """
 
