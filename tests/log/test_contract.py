@@ -218,26 +218,31 @@ async def test_non_ascii_chunks_survive(manager: StreamManager) -> None:
 async def test_slow_reader_gets_every_chunk_and_never_blocks_the_writer(
     manager: StreamManager,
 ) -> None:
-    """Regression: Genkit's Go manager drops chunks for a reader 100 behind."""
+    """Regression: Genkit's Go manager drops chunks for a reader 100 behind.
+
+    The reader stops after its first event until the writer is done, so that
+    the writer is shown not to wait for it. (It used to sleep 1 ms per event
+    instead, and on Postgres could keep up with 1,000 sequential writes.)"""
     writer = await manager.open("s")
     received: list[Event] = []
-    first_read = asyncio.Event()
+    first_read, writer_finished = asyncio.Event(), asyncio.Event()
 
     async def slow_reader() -> None:
         async with contextlib.aclosing(await manager.subscribe("s")) as stream:  # type: ignore[type-var]
             async for event in stream:
                 received.append(event)
                 first_read.set()
-                await asyncio.sleep(0.001)
+                await writer_finished.wait()
 
     reader = asyncio.create_task(slow_reader())
     await writer.write(0)
     await first_read.wait()
     for i in range(1, 1000):
         await writer.write(i)
-    await writer.done("end")
-    # The writer finished while the reader is far behind: it never waited for it.
-    assert len(received) < 1001
+    await asyncio.wait_for(writer.done("end"), 60)
+    # The writer finished while the reader is 1,000 behind: it never waited for it.
+    assert len(received) == 1
+    writer_finished.set()
     await asyncio.wait_for(reader, 60)
     assert chunks(received) == list(range(1000))
     assert_gap_free(received)
