@@ -47,8 +47,9 @@ def sqlite_engine(
     if nullpool:
         kwargs["poolclass"] = NullPool
     elif writer:
-        # One writer connection: the committer serialises writes anyway, and a
-        # second connection would only wait on the file lock.
+        # One connection for what SQLAlchemy writes (creates, deletes, sweeps):
+        # a second would only wait on the file lock. Appends commit on their
+        # own connection (sqlite_inline).
         kwargs.update(pool_size=1, max_overflow=0, pool_timeout=300)
     else:
         # Readers run every SELECT in autocommit, so a returned connection has no
@@ -59,12 +60,7 @@ def sqlite_engine(
             pool_size=pool_size, max_overflow=0, pool_timeout=60, pool_reset_on_return=None
         )
     engine = create_async_engine(url, **kwargs)
-    pragmas = [
-        f"busy_timeout={int(busy_timeout_ms)}",
-        "journal_mode=WAL",
-        f"synchronous={synchronous}",
-        f"foreign_keys={'ON' if foreign_keys else 'OFF'}",
-    ]
+    pragmas = [f"busy_timeout={int(busy_timeout_ms)}", *sqlite_pragmas(synchronous, foreign_keys)]
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -80,6 +76,15 @@ def sqlite_engine(
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def sqlite_pragmas(synchronous: str = "NORMAL", foreign_keys: bool = True) -> list[str]:
+    """What every connection to the file sets, besides its busy_timeout."""
+    return [
+        "journal_mode=WAL",
+        f"synchronous={synchronous}",
+        f"foreign_keys={'ON' if foreign_keys else 'OFF'}",
+    ]
 
 
 def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> AsyncEngine:

@@ -7,6 +7,9 @@ a lookup on SQLite cost 160-196 µs of main-thread CPU with them, 60-94 without.
 connections are checked out of the engine once, as they are first needed,
 and kept: taking one is a list pop.
 
+On SQLite these reads run on the event loop's own connection
+(sqlite_inline); the pool serves only those that must wait for a lock.
+
 SQLAlchemy still owns them: they go back to its pool when this one closes,
 and one lost under a statement (`lost`) is invalidated there and replaced.
 The engine keeps connections of its own beyond `size` for the statements

@@ -1,10 +1,12 @@
-"""The SQL store: SQLite through aiosqlite, Postgres through asyncpg, SQLAlchemy Core.
+"""The SQL store: SQLite (sqlite3, aiosqlite), Postgres through asyncpg, SQLAlchemy Core.
 
 What runs per request or per event skips SQLAlchemy's statement handling and
 goes to the driver with named statements: the append transaction
 (sqlite_commit.py, postgres_commit.py, one per dialect) and the hot reads
-(HotSql). Everything else is SQLAlchemy Core, where dialect differences are
-kept to a few spots: the upsert helper and the advisory lock of the sweeper.
+(HotSql). On SQLite they run on the event loop's own thread unless they would
+wait for a lock (sqlite_inline.py). Everything else is SQLAlchemy Core, where
+dialect differences are kept to a few spots: the upsert helper and the
+advisory lock of the sweeper.
 
 Ordering guarantee: an append locks its stream's row (Postgres: SELECT ... FOR
 UPDATE; SQLite: BEGIN IMMEDIATE locks the whole file) and bumps last_seq in the
@@ -44,11 +46,12 @@ from app.log.api import (
     StreamInfo,
     StreamStatus,
 )
-from app.log.db import is_sqlite, postgres_engine, sqlite_engine
+from app.log.db import is_sqlite, postgres_engine, sqlite_engine, sqlite_pragmas
 from app.log.driver_pool import DriverPool
 from app.log.postgres_commit import PostgresCommit
 from app.log.schema import STREAM_COLUMNS, TIME_COLUMNS, events, streams
 from app.log.sqlite_commit import SqliteCommit
+from app.log.sqlite_inline import InlineSqlite
 from app.log.store import (
     AppendOutcome,
     already_exists,
@@ -214,6 +217,8 @@ SQLITE_READERS_PER_POOL_SLOT = 4
 READ_POOL_SLOTS = {"sqlite": 3, "postgresql": 2}
 # Well below SQLite's limit of host parameters per statement (32,766).
 HEADS_PER_QUERY = 500
+# An event row's bytes besides its payload (its index entry included), about.
+ROW_BYTES = 64
 
 
 class SqlStore:
@@ -243,6 +248,15 @@ class SqlStore:
             )
         else:
             self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
+        # SQLite's hot reads and commits, on the event loop's thread when they
+        # need no lock (sqlite_inline).
+        self._inline: InlineSqlite | None = None
+        if self.dialect == "sqlite":
+            if url.database in (None, "", ":memory:"):
+                # One database per connection: appends would not see the streams.
+                raise ValueError("SQLite needs a file; the in-memory store is 'memory'")
+            pragmas = sqlite_pragmas(sqlite_synchronous)
+            self._inline = InlineSqlite(str(url.database), pragmas, busy_timeout_ms)
         self._sql = SQLITE_HOT_SQL if self.dialect == "sqlite" else POSTGRES_HOT_SQL
         # Kept for the one-statement reads; the engine keeps the rest of its
         # connections for SQLAlchemy's own statements (and, on Postgres, commits).
@@ -348,16 +362,18 @@ class SqlStore:
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
         # The hottest transaction goes to the driver itself, in as few round trips
         # as each allows: see sqlite_commit and postgres_commit.
+        if self.closed:
+            raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+        sqlite_commit = self._sqlite_commit
+        if self._inline is not None and sqlite_commit is not None:
+            rows_bytes = sum(len(e.payload) + ROW_BYTES for r in requests for e in r.events)
+            async with _translated():
+                return await self._inline.commit(
+                    lambda db: sqlite_commit(db, requests, now), rows_bytes
+                )
+        assert self._postgres_commit is not None
         async with _driver(self.writer) as driver:
-            if self._postgres_commit is not None:
-                return await self._postgres_commit(driver, requests, now)
-            assert self._sqlite_commit is not None
-            # aiosqlite's own queue to its thread (there is no public way to run a
-            # function there); the pinned version range in pyproject keeps it.
-            outcomes: list[AppendOutcome] = await driver._execute(
-                self._sqlite_commit, driver._conn, requests, now
-            )
-            return outcomes
+            return await self._postgres_commit(driver, requests, now)
 
     async def _lock_streams(self, conn: AsyncConnection, ids: list[str]) -> dict[str, StreamInfo]:
         # ORDER BY id makes every transaction lock rows in the same order, so two
@@ -399,8 +415,21 @@ class SqlStore:
         params = (stream_id, after, upto, limit)
         return self._events(stream_id, await self._fetch(self._sql.read_range, params))
 
-    @_finish_when_cancelled
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
+        if self._inline is not None:
+            if self.closed:
+                raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+            try:
+                rows = self._inline.read(statement, params)
+            except sqlite3.Error as exc:
+                raise storage_error(exc) from exc
+            if rows is not None:
+                return rows
+        return await self._fetch_pooled(statement, params)
+
+    @_finish_when_cancelled
+    async def _fetch_pooled(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
+        """On a kept driver connection: Postgres, or an SQLite read that must wait."""
         async with _translated():
             try:
                 return await self._fetch_once(statement, params)
@@ -446,6 +475,11 @@ class SqlStore:
             statement, params = self._sql.heads(some)
             heads.update((row[0], row[1]) for row in await self._fetch(statement, params))
         return heads
+
+    def data_version(self) -> int | None:
+        """SQLite's `PRAGMA data_version` as this process's appends see it: it
+        changes when another connection commits; None when it cannot be read now."""
+        return self._inline.data_version() if self._inline is not None else None
 
     async def list_streams(self, status: StreamStatus | None, limit: int) -> list[StreamInfo]:
         query = select(streams).order_by(streams.c.created_at.desc()).limit(limit)
@@ -596,6 +630,8 @@ class SqlStore:
         if self._reads:
             await asyncio.wait(self._reads)
         await self._read_pool.close()
+        if self._inline is not None:
+            await self._inline.close()
         await self.writer.dispose()
         if self.reader is not self.writer:
             await self.reader.dispose()
@@ -607,9 +643,10 @@ class HotSql:
     They skip SQLAlchemy's statement and row processing, which cost more than
     the database work itself: the event insert and the reads by cursor, the
     stream lookup every request starts with, and the heads the SQLite poll
-    asks for. They run on connections of SQLAlchemy's pool (the reads on ones kept
-    by driver_pool.DriverPool). Times are bound
-    and parsed here the way UtcDateTime stores them.
+    asks for. On Postgres they run on connections of SQLAlchemy's pool (the
+    reads on ones kept by driver_pool.DriverPool); on SQLite on the event
+    loop's own connections (sqlite_inline), the pool only when they must wait
+    for a lock. Times are bound and parsed here the way UtcDateTime stores them.
     """
 
     def __init__(self, placeholders: list[str], text_times: bool) -> None:
@@ -637,7 +674,7 @@ class HotSql:
         self._text_times = text_times
 
     async def fetch(self, driver: Any, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
-        """Rows as plain tuples from the driver: aiosqlite and asyncpg differ here only."""
+        """Rows as plain tuples from a pooled driver connection (aiosqlite, asyncpg)."""
         if self._text_times:
             # One round trip to aiosqlite's thread (execute, fetchall and close are three).
             return list(await driver.execute_fetchall(statement, params))
@@ -665,7 +702,16 @@ class HotSql:
         if not self._text_times:
             return value
         # SQLAlchemy's SQLite DateTime format, naive UTC (see schema.UtcDateTime).
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        # A commit binds the same few times several times (now, created_at).
+        bound = _BOUND_TIMES.get(value)
+        if bound is None:
+            if len(_BOUND_TIMES) >= 4096:
+                _BOUND_TIMES.clear()
+            bound = _BOUND_TIMES[value] = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return bound
+
+
+_BOUND_TIMES: dict[datetime, str] = {}
 
 
 def _parse_sqlite_time(raw: str) -> datetime:

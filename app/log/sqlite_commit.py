@@ -1,11 +1,11 @@
-"""SQLite's append transaction, run whole on the connection's own thread.
+"""SQLite's append transaction: one function from BEGIN IMMEDIATE to COMMIT.
 
-aiosqlite runs every statement on a worker thread and hands each result back
-to the event loop. A group commit through SQLAlchemy took seven such round
-trips (begin, lock, update, insert, commit, ...), and under HTTP load each one
-waits for a turn of a busy event loop: commits took 14 ms where SQLite needs
-a fraction of one. Here the transaction is one function that aiosqlite's
-thread runs from BEGIN to COMMIT, so a commit costs one round trip.
+A group commit through SQLAlchemy and aiosqlite took seven round trips to a
+worker thread (begin, lock, update, insert, commit, ...), and under HTTP load
+each waited for a turn of a busy event loop: commits took 14 ms where SQLite
+needs a fraction of one. As one function it runs in a single call: on the
+event loop's thread when the write lock is free, on a worker thread when it
+must wait for it (sqlite_inline.InlineSqlite).
 
 postgres_commit.py is the same transaction for Postgres; both plan with
 store.plan_batch, and `tests/log` runs one contract against every store.

@@ -27,8 +27,8 @@ log = logging.getLogger("streamkeep.wakeup")
 
 # With this many watched streams or fewer, another process's change is checked
 # by reading their rows directly (one query each) rather than asking for all
-# heads first. Not when this process committed too: data_version counts our
-# own commits as well, and the heads let readers skip rows we publish anyway.
+# heads first. Not when this process committed too: the heads let readers
+# skip the rows this process published to them itself.
 FEW_STREAMS = 2
 UNKNOWN_HEAD = 2**62
 
@@ -36,12 +36,14 @@ UNKNOWN_HEAD = 2**62
 class SqlitePoller:
     """Finds appends by other processes on the same SQLite file.
 
-    It watches `PRAGMA data_version` on a connection of its own: the number
-    changes when any other connection commits to the file, and reading it
-    costs microseconds (no table is read, no lock is taken), so it can be
-    checked every few milliseconds. Only when it changed, and only while some
-    local reader waits, does one query read the heads of all watched streams.
-    A full check also runs every `safety_seconds`, whatever data_version says.
+    It watches `PRAGMA data_version` on the connection this process appends
+    with: the number changes when any other connection commits to the file
+    (not with our own appends, which the manager publishes to its readers
+    itself), and reading it costs microseconds (no table is read, no lock is
+    taken), so it can be checked every few milliseconds. Only when it changed,
+    and only while some local reader waits, does one query read the heads of
+    all watched streams. A full check also runs every `safety_seconds`,
+    whatever data_version says.
     """
 
     def __init__(
@@ -51,24 +53,17 @@ class SqlitePoller:
         self._interval = interval
         self._safety_seconds = safety_seconds
         self._task: asyncio.Task[None] | None = None
-        self._probe: sqlite3.Connection | None = None
 
     @property
     def connected(self) -> bool:
         return self._task is not None and not self._task.done()
 
     async def start(self, manager: StreamManager) -> None:
-        database = self._store.url.database
-        if database and database != ":memory:":
-            # Autocommit, read-only use: it must never hold a transaction open.
-            self._probe = sqlite3.connect(database, isolation_level=None, check_same_thread=False)
         self._task = asyncio.create_task(self._run(manager), name="streamkeep-sqlite-poll")
 
     def _data_version(self) -> int | None:
-        if self._probe is None:
-            return None
         try:
-            return int(self._probe.execute("PRAGMA data_version").fetchone()[0])
+            return self._store.data_version()
         except sqlite3.Error:
             return None
 
@@ -112,9 +107,6 @@ class SqlitePoller:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        if self._probe is not None:
-            self._probe.close()
-            self._probe = None
 
 
 class PostgresListener:
