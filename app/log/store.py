@@ -138,7 +138,8 @@ def plan_appends(
             new_events.extend(outcome.events)
     if not new_events:
         return None, outcomes
-    plan = StreamPlan(_advance(state.row(), new_events, now), new_events, state.changed)
+    row = _advance(state.info, new_events, now, state.row_changes())
+    plan = StreamPlan(row, new_events, state.changed)
     return plan, outcomes
 
 
@@ -157,8 +158,8 @@ class _RunningState:
         self.producers = producers
         self.changed: dict[str, ProducerState] = {}
 
-    def row(self) -> StreamInfo:
-        return replace(self.info, writer_seq=self.writer_seq, closed_by=self.closed_by)
+    def row_changes(self) -> dict[str, object]:
+        return {"writer_seq": self.writer_seq, "closed_by": self.closed_by}
 
     def apply(self, request: AppendRequest, now: datetime) -> AppendOutcome:
         claim = request.producer
@@ -303,9 +304,13 @@ def expiry(info: StreamInfo, accessed_at: datetime) -> datetime | None:
     return min(limits, default=None)
 
 
-def _advance(info: StreamInfo, events: list[Event], now: datetime) -> StreamInfo:
+def _advance(
+    info: StreamInfo, events: list[Event], now: datetime, extra: dict[str, object] | None = None
+) -> StreamInfo:
     last = events[-1]
     changes: dict[str, object] = {"last_seq": last.seq, "updated_at": now, "last_write_at": now}
+    if extra:
+        changes.update(extra)
     if last.kind.is_terminal:
         changes.update(status=STATUS_AFTER[last.kind], finished_at=now, abandon_at=None)
         if last.kind is EventKind.DONE:
@@ -317,7 +322,10 @@ def _advance(info: StreamInfo, events: list[Event], now: datetime) -> StreamInfo
         changes["abandon_at"] = now + timedelta(seconds=info.idle_timeout_seconds)
     advanced = replace(info, **changes)  # type: ignore[arg-type]
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
-    return replace(advanced, expires_at=expiry(advanced, now))
+    # Set in place: the row was made just above and nobody holds it yet (a second
+    # replace() was a third of planning a commit).
+    object.__setattr__(advanced, "expires_at", expiry(advanced, now))
+    return advanced
 
 
 def plan_create(
