@@ -215,6 +215,8 @@ class Problem(StrEnum):
     EPOCH_NEEDS_SEQ_ZERO = "epoch_needs_seq_zero"
     SEQ_GAP = "seq_gap"
     WRITER_SEQ_REGRESSION = "writer_seq_regression"
+    # The stream was deleted and created again since the caller read its row.
+    REPLACED = "replaced"
     # Creating a fork:
     SOURCE_RETIRED = "source_retired"
     FORK_BEYOND_TAIL = "fork_beyond_tail"
@@ -239,11 +241,17 @@ class AppendRequest:
     `abandoned_by` makes the append conditional: it only applies while the
     stream is still open with an abandon deadline at or before that time.
     The sweeper uses it so that a producer that writes at the last moment wins.
+
+    `created_at` makes it apply only to the stream created at that time: a
+    protocol that decided how to append from a stream row it read earlier
+    (its content type, say) learns that the id now names another stream
+    (Problem.REPLACED) instead of appending to it by the old row's rules.
     """
 
     stream_id: str
     events: list[NewEvent]
     abandoned_by: datetime | None = None
+    created_at: datetime | None = None
     # Who appends (a protocol's name), for the metrics.
     origin: str = "api"
     # Idempotent producer: the log de-duplicates retries and fences stale epochs.

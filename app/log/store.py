@@ -162,6 +162,12 @@ class _RunningState:
         return {"writer_seq": self.writer_seq, "closed_by": self.closed_by}
 
     def apply(self, request: AppendRequest, now: datetime) -> AppendOutcome:
+        if request.created_at is not None and request.created_at != self.info.created_at:
+            return refusal(
+                Status.FAILED_PRECONDITION,
+                Problem.REPLACED,
+                f"stream {self.info.id!r} was deleted and created again",
+            )
         claim = request.producer
         known = self.producers.get(claim.producer_id) if claim else None
         if self.status is not StreamStatus.OPEN:

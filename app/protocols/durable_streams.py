@@ -25,6 +25,7 @@ import codecs
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -502,6 +503,7 @@ async def handle_head(request: Request[Any, Any, Any], call: Call) -> ASGIRespon
 async def handle_delete(request: Request[Any, Any, Any], call: Call) -> ASGIResponse:
     info = await existing(call)
     writable(info)
+    forget_stream(call.manager, call.stream_id)
     if not await call.manager.delete(call.stream_id):
         raise ProtocolError(404, f"stream {call.stream_id!r} not found")
     return respond(204, {})
@@ -748,17 +750,71 @@ async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIRespon
         raise bad_request("an append needs a body (or Stream-Closed: true to close)")
     if body and content_type is None:
         raise bad_request("an append with a body needs a Content-Type")
+    writer_seq = request.headers.get("stream-seq")
+    known = known_streams(call.manager).get(call.stream_id) if body else None
+    if known is not None:
+        try:
+            return await append_body(call, known, body, content_type, closing, claim, writer_seq)
+        except (ProtocolError, StreamError) as exc:
+            if isinstance(exc, StreamError) and exc.status in (Status.UNAVAILABLE, Status.INTERNAL):
+                raise
+            # Refused by a row read earlier (nothing was written): the answer
+            # comes from the row as it is now, as for any first append.
+            forget_stream(call.manager, call.stream_id)
     info = await existing(call)
     writable(info)
-    writer_seq = request.headers.get("stream-seq")
     if not body:
         request_ = AppendRequest(call.stream_id, [NewEvent.closed()], origin=ORIGIN, producer=claim)
         request_.writer_seq = writer_seq
         return await close_only(call, info, request_)
+    if info.is_open:
+        remember_stream(call.manager, info)
+    return await append_body(call, info, body, content_type, closing, claim, writer_seq)
+
+
+# Streams this process appended to, by manager: a producer's appends skip the
+# stream lookup. What decides how to append (content type, the protocol that
+# created it) never changes in a stream's life, and the append itself is bound
+# to the stream created at the row's created_at: an id deleted and created
+# again is refused (Problem.REPLACED), as is a stream closed or gone since;
+# any refusal is answered from the row as it is now.
+KNOWN_STREAMS: weakref.WeakKeyDictionary[StreamManager, dict[str, StreamInfo]] = (
+    weakref.WeakKeyDictionary()
+)
+KNOWN_STREAMS_LIMIT = 4096
+
+
+def known_streams(manager: StreamManager) -> dict[str, StreamInfo]:
+    known = KNOWN_STREAMS.get(manager)
+    if known is None:
+        known = KNOWN_STREAMS[manager] = {}
+    return known
+
+
+def remember_stream(manager: StreamManager, info: StreamInfo) -> None:
+    known = known_streams(manager)
+    if len(known) >= KNOWN_STREAMS_LIMIT:
+        known.clear()
+    known[info.id] = info
+
+
+def forget_stream(manager: StreamManager, stream_id: str) -> None:
+    known_streams(manager).pop(stream_id, None)
+
+
+async def append_body(
+    call: Call,
+    info: StreamInfo,
+    body: bytes,
+    content_type: str | None,
+    closing: bool,
+    claim: ProducerClaim | None,
+    writer_seq: str | None,
+) -> ASGIResponse:
     if info.is_open and media_type(content_type or "") != media_type(info.content_type):
         raise ProtocolError(409, f"stream {call.stream_id!r} holds {info.content_type}")
     append = payload_append(call.stream_id, info, body, closing)
-    append.producer, append.writer_seq = claim, writer_seq
+    append.producer, append.writer_seq, append.created_at = claim, writer_seq, info.created_at
     try:
         result = await call.manager.apply(append)
     except StreamError as exc:

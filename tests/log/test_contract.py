@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from app.errors import Status, StreamError
-from app.log import Event, EventKind, StreamManager, StreamStatus
+from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
+from app.log.api import AppendRequest, Problem
 from tests.conftest import ManagerFactory
 from tests.support import CallCounter, FakeClock
 
@@ -111,6 +112,23 @@ async def test_close_ends_the_stream_without_a_result(manager: StreamManager) ->
     with pytest.raises(StreamError) as err:
         await writer.write(2)
     assert err.value.status is Status.FAILED_PRECONDITION
+
+
+async def test_an_append_for_a_stream_created_at_a_time_refuses_a_new_stream_of_that_id(
+    manager: StreamManager, clock: FakeClock
+) -> None:
+    first = await manager.create("s")
+    request = AppendRequest("s", [NewEvent.chunk(1)], created_at=first.created_at)
+    assert (await manager.apply(request)).last_seq == 1
+    await manager.delete("s")
+    clock.advance(1)
+    await manager.create("s", content_type="application/octet-stream")
+    stale = AppendRequest("s", [NewEvent.chunk(2)], created_at=first.created_at)
+    with pytest.raises(StreamError) as err:
+        await manager.apply(stale)
+    assert err.value.status is Status.FAILED_PRECONDITION
+    assert err.value.details["reason"] == Problem.REPLACED
+    assert await manager.read("s") == []
 
 
 # -- reading --------------------------------------------------------------------------

@@ -123,3 +123,24 @@ def test_cors_preflight_allows_what_the_browser_asks_for(base: str) -> None:
     read = httpx.get(f"{base}/any", headers={"origin": "https://app.example"})
     assert "Stream-Next-Offset" in read.headers["access-control-expose-headers"]
     assert read.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_an_append_after_another_replica_replaced_the_stream_follows_the_new_one(
+    live_server: ServerFactory,
+) -> None:
+    """A replica that appended to a stream skips the lookup on its next appends.
+    Another replica deleted the stream and created a native (read-only here)
+    one under the same id: the append must not go to it by the old row's rules."""
+    first, second = live_server(), live_server()
+    url = f"{first.url}/v1/stream/replaced"
+    assert httpx.put(url, headers=JSON).status_code == 201
+    assert httpx.post(url, headers=JSON, content=b"[1]").status_code == 204
+    assert httpx.delete(f"{second.url}/v1/stream/replaced").status_code == 204
+    assert httpx.put(f"{second.url}/v1/streams/replaced", json={}).status_code == 201
+    refused = httpx.post(url, headers=JSON, content=b"[2]")
+    assert refused.status_code == 409, refused.text
+    assert "not created as a Durable Stream" in refused.text
+    assert httpx.get(f"{second.url}/v1/streams/replaced").json()["last_seq"] == 0
