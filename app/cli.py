@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -144,8 +145,29 @@ def _serve(settings: Settings) -> int:
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted or None,
     )
+    tune_gc()
     Server(config).run()
     return 0
+
+
+# Allocations (less deallocations) between two young-generation collections.
+# Python's default of 700 is one collection every few requests of a busy
+# service: with 16 concurrent appends they were a tenth of the main thread.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Once everything is imported: fewer collections, and none that scans start-up objects.
+
+    gc.freeze() moves what exists now (modules, classes, the app) out of the
+    collector's sight; they live as long as the process anyway. Garbage cycles
+    are still collected, a little later. Measured with wrk, 16 concurrent
+    Durable Streams appends on SQLite: 4,350-4,400 -> 5,440-5,590 appends/s.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 async def _gc(settings: Settings) -> int:
