@@ -15,7 +15,8 @@ Then the caller runs it where waiting is harmless: a read on the aiosqlite
 pool, a commit on a worker thread with the configured busy_timeout. Readers in
 WAL mode never wait for writers, so in practice only a commit while another
 connection writes (another process, or this process's SQLAlchemy connection
-creating or deleting a stream) takes the slow way.
+creating or deleting a stream) takes the slow way; and a commit of many
+bytes, whose copying should not stall the loop.
 
 Checkpoints copy the WAL into the database file and sync it: milliseconds of
 I/O that must not stall the event loop. Automatic checkpoints are off on the
@@ -42,6 +43,10 @@ PAGE_BYTES = 4096
 # Pages a commit writes besides its rows': the stream's row, the last leaf of
 # the events table and of its index.
 PAGES_PER_COMMIT = 3
+# A commit of more row bytes than this runs on a worker thread: SQLite copies
+# them with the GIL released, so the loop serves requests meanwhile, and the
+# hand-off is a small part of such a commit.
+INLINE_COMMIT_BYTES = 256 * 1024
 
 
 def is_busy(exc: sqlite3.Error) -> bool:
@@ -120,22 +125,25 @@ class InlineSqlite:
     async def commit(self, transaction: Callable[[sqlite3.Connection], T], rows_bytes: int) -> T:
         """Run `transaction` (BEGIN IMMEDIATE ... COMMIT, rolled back on failure).
 
-        Here when the write lock is free; when it is held, on a worker thread
-        that waits for it. `rows_bytes` is about the size of the rows it
-        writes, to know when a checkpoint is due.
+        Here when the write lock is free; on a worker thread that waits for
+        it when it is held, or when the commit is large. `rows_bytes` is about
+        the size of the rows it writes.
         """
         await self._writer_back()
         if self._closed:
             raise sqlite3.ProgrammingError("the store is closed")
-        try:
-            if self._writer is None:
-                self._writer = self._connect(writer=True)
-            result = transaction(self._writer)
-        except sqlite3.OperationalError as exc:
-            if not is_busy(exc):
-                raise
-            # Nothing was written: the transaction rolled back (or never began).
-            result = await self._commit_waiting(transaction)
+        if rows_bytes > INLINE_COMMIT_BYTES:
+            result = await self._commit_on_thread(transaction)
+        else:
+            try:
+                if self._writer is None:
+                    self._writer = self._connect(writer=True)
+                result = transaction(self._writer)
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc):
+                    raise
+                # Nothing was written: the transaction rolled back (or never began).
+                result = await self._commit_on_thread(transaction)
         # Counted as half-filled pages: a row a little over half a page takes one
         # of its own, and overestimating only checkpoints a little early.
         self._pages_since_checkpoint += PAGES_PER_COMMIT + rows_bytes * 2 // PAGE_BYTES
@@ -152,7 +160,7 @@ class InlineSqlite:
         if self._lent is not None and not self._lent.done():
             await asyncio.wait([self._lent])
 
-    async def _commit_waiting(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
+    async def _commit_on_thread(self, transaction: Callable[[sqlite3.Connection], T]) -> T:
         timeout = self._busy_timeout_ms
 
         def waiting(db: sqlite3.Connection) -> T:

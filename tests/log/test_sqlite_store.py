@@ -81,6 +81,20 @@ async def test_a_group_commit_and_the_hot_reads_run_without_a_thread_round_trip(
     assert calls == []
 
 
+async def test_a_large_commit_runs_on_a_worker_thread(
+    sqlite_manager: StreamManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying megabytes into the WAL must not stall the event loop."""
+    await sqlite_manager.create("s")
+    calls = count_round_trips(monkeypatch)
+    await sqlite_manager.append("s", [NewEvent.chunk("x" * 1000)])
+    assert calls == []
+    big = [NewEvent.chunk("x" * 100_000) for _ in range(5)]
+    await sqlite_manager.append("s", big)
+    assert len(calls) == 1
+    assert (await sqlite_manager.info("s")).last_seq == 6
+
+
 class Ticker:
     """Counts turns of the event loop every few milliseconds: a blocked loop stops it."""
 
