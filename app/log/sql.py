@@ -251,6 +251,11 @@ class SqlStore:
         # SQLite's hot reads and commits, on the event loop's thread when they
         # need no lock (sqlite_inline).
         self._inline: InlineSqlite | None = None
+        # One write at a time in the process, appends and SQLAlchemy's alike (SQLite
+        # only; Postgres locks rows, not the database).
+        self._sqlite_writes: contextlib.AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        )
         if self.dialect == "sqlite":
             if url.database in (None, "", ":memory:"):
                 # One database per connection: appends would not see the streams.
@@ -286,8 +291,20 @@ class SqlStore:
 
     # -- writes ---------------------------------------------------------------
 
+    @asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction of SQLAlchemy's writer connection (creates, deletes, sweeps).
+
+        On SQLite it waits its turn with the appends in the process, in order,
+        rather than at the file lock: there a commit that found the lock taken
+        retried on SQLite's sleeping back-off (1, 2, 5 ... 100 ms), and appends
+        during a sweep saw a p99 of 107 ms.
+        """
+        async with self._sqlite_writes, self.writer.begin() as conn:
+            yield conn
+
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
-        async with _translated(), self.writer.begin() as conn:
+        async with _translated(), self._write_transaction() as conn:
             # An expired stream that no fork reads is gone for everyone; its id is free again.
             await self._drop(conn, [spec.id], now, only_expired=True)
             source = None
@@ -367,7 +384,7 @@ class SqlStore:
         sqlite_commit = self._sqlite_commit
         if self._inline is not None and sqlite_commit is not None:
             rows_bytes = sum(len(e.payload) + ROW_BYTES for r in requests for e in r.events)
-            async with _translated():
+            async with _translated(), self._sqlite_writes:
                 return await self._inline.commit(
                     lambda db: sqlite_commit(db, requests, now), rows_bytes
                 )
@@ -501,7 +518,7 @@ class SqlStore:
             return revision.scalar()
 
     async def renew(self, stream_id: str, expires_at: datetime, now: datetime) -> bool:
-        async with _translated(), self.writer.begin() as conn:
+        async with _translated(), self._write_transaction() as conn:
             result = await conn.execute(
                 update(streams)
                 .where(
@@ -570,7 +587,7 @@ class SqlStore:
         )
         deleted = 0
         for upper in range(first_seq + batch_size, last_seq + batch_size, batch_size):
-            async with _translated(), self.writer.begin() as conn:
+            async with _translated(), self._write_transaction() as conn:
                 # The EXISTS guard: if the id was re-created meanwhile, the new
                 # stream's events are not ours to delete.
                 result = await conn.execute(
@@ -585,13 +602,13 @@ class SqlStore:
         return deleted
 
     async def _delete_streams(self, remaining: dict[str, int], now: datetime) -> tuple[int, int]:
-        async with _translated(), self.writer.begin() as conn:
+        async with _translated(), self._write_transaction() as conn:
             deleted = await self._drop(conn, list(remaining), now, only_expired=True)
         # A source freed by these deletions went with them, all its rows at once.
         return len(deleted), sum(remaining.get(i, count) for i, count in deleted.items())
 
     async def delete(self, stream_id: str, now: datetime) -> bool:
-        async with _translated(), self.writer.begin() as conn:
+        async with _translated(), self._write_transaction() as conn:
             row = (await self._lock_streams(conn, [stream_id])).get(stream_id)
             if row is None:
                 return False
