@@ -209,13 +209,18 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# json.loads(body, parse_constant=...) built a decoder per call, per append.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def json_messages(body: bytes, *, allow_empty: bool) -> list[bytes]:
     """A JSON body as messages: an array is flattened one level, anything else is one.
 
     Each message is stored compact. NaN and Infinity are refused, as JSON has none.
     """
     try:
-        value = json.loads(body, parse_constant=_refuse_constant)
+        # What json.loads does with bytes: UTF-8, -16 or -32, told by the first bytes.
+        value = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, UnicodeDecodeError):
         raise bad_request("the body is not valid JSON") from None
     if not isinstance(value, list):
