@@ -78,7 +78,9 @@ class SqlitePoller:
                 continue
             version = self._data_version()
             due = loop.time() - last_full_check >= self._safety_seconds
-            if version is not None and version == last_version and not due:
+            # None: not readable now (the connection is on a worker thread for a
+            # checkpoint or a commit that waits); the next poll compares again.
+            if (version is None or version == last_version) and not due:
                 continue
             last_version, last_full_check = version, loop.time()
             committed_here = manager.stats.commits != own_commits
