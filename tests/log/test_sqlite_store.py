@@ -37,23 +37,29 @@ async def sqlite_manager(sqlite_url: str) -> AsyncIterator[StreamManager]:
     await manager.close()
 
 
+def count_thread_handoffs(monkeypatch: pytest.MonkeyPatch, calls: list[Any]) -> list[Any]:
+    """Functions handed to asyncio's default executor (asyncio.to_thread)."""
+    to_thread = asyncio.to_thread
+
+    async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(fn)
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    return calls
+
+
 def count_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Calls handed to a thread: aiosqlite's or asyncio's default executor."""
     calls: list[Any] = []
     original: Any = aiosqlite.Connection._execute
-    to_thread = asyncio.to_thread
 
     async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(fn)
         return await original(self, fn, *args, **kwargs)
 
-    async def counted_to_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(fn)
-        return await to_thread(fn, *args, **kwargs)
-
     monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
-    monkeypatch.setattr(asyncio, "to_thread", counted_to_thread)
-    return calls
+    return count_thread_handoffs(monkeypatch, calls)
 
 
 async def test_a_group_commit_and_the_hot_reads_run_without_a_thread_round_trip(
@@ -91,14 +97,7 @@ async def test_appends_wait_for_the_processs_own_sqlalchemy_writes_in_turn(
     store = sqlite_manager.store
     assert isinstance(store, SqlStore)
     await sqlite_manager.create("s")
-    handed_to_threads: list[Any] = []
-    to_thread = asyncio.to_thread
-
-    async def counted_to_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        handed_to_threads.append(fn)
-        return await to_thread(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counted_to_thread)
+    handed_to_threads = count_thread_handoffs(monkeypatch, [])
     async with store._write_transaction() as conn:
         await conn.exec_driver_sql("UPDATE streams SET ttl_seconds = ttl_seconds")
         appending = asyncio.ensure_future(sqlite_manager.append("s", [NewEvent.chunk(1)]))
