@@ -178,6 +178,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+def _closed_error() -> StreamError:
+    return StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+
+
 def _finish_when_cancelled(
     method: Callable[P, Coroutine[Any, Any, T]],
 ) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -190,7 +194,7 @@ def _finish_when_cancelled(
         store = args[0]
         assert isinstance(store, SqlStore)
         if store.closed:
-            raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+            raise _closed_error()
         task = asyncio.ensure_future(method(*args, **kwargs))
         # The store's close waits for it: a read still in the driver's thread
         # when the event loop closes fails there.
@@ -380,7 +384,7 @@ class SqlStore:
         # The hottest transaction goes to the driver itself, in as few round trips
         # as each allows: see sqlite_commit and postgres_commit.
         if self.closed:
-            raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+            raise _closed_error()
         sqlite_commit = self._sqlite_commit
         if self._inline is not None and sqlite_commit is not None:
             rows_bytes = sum(len(e.payload) + ROW_BYTES for r in requests for e in r.events)
@@ -435,7 +439,7 @@ class SqlStore:
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
         if self._inline is not None:
             if self.closed:
-                raise StreamError(Status.UNAVAILABLE, "the database is closed (shutting down)")
+                raise _closed_error()
             try:
                 rows = self._inline.read(statement, params)
             except sqlite3.Error as exc:

@@ -53,6 +53,7 @@ class SqlitePoller:
         self._interval = interval
         self._safety_seconds = safety_seconds
         self._task: asyncio.Task[None] | None = None
+        self._failing = False  # data_version could not be read at the last poll
 
     @property
     def connected(self) -> bool:
@@ -63,9 +64,20 @@ class SqlitePoller:
 
     def _data_version(self) -> int | None:
         try:
-            return self._store.data_version()
-        except sqlite3.Error:
+            version = self._store.data_version()
+        except sqlite3.Error as exc:
+            # Said once: until it reads again, only the safety check finds
+            # other processes' appends.
+            if not self._failing:
+                log.warning(
+                    "sqlite poll: data_version failed (%s); checking every %.0f s",
+                    exc,
+                    self._safety_seconds,
+                )
+            self._failing = True
             return None
+        self._failing = False
+        return version
 
     async def _run(self, manager: StreamManager) -> None:
         loop = asyncio.get_running_loop()
