@@ -2,9 +2,11 @@
 
 Through SQLAlchemy a group commit was eight round trips (BEGIN, lock,
 update, insert, NOTIFY, COMMIT, ...), each a turn of the event loop, plus
-SQLAlchemy's statement handling on the one core the service has. Here it is
-BEGIN, one locking SELECT, one statement that updates the streams, inserts
-the events and notifies (data-modifying CTEs over arrays), and COMMIT.
+SQLAlchemy's statement handling on the one core the service has. Here one
+statement updates the streams, inserts the events and notifies
+(data-modifying CTEs over arrays). A batch on rows the committer already
+knows is that statement alone, guarded by the rows' versions; otherwise it
+is BEGIN, one locking SELECT, the statement and COMMIT.
 
 sqlite_commit.py is the same transaction for SQLite; both plan with
 store.plan_batch, and `tests/log` runs one contract against every store.
@@ -30,7 +32,7 @@ def _array_type(name: str) -> str:
 
 # ORDER BY id locks the rows in one order in every transaction: no deadlocks.
 LOCK_STREAMS = (
-    f"SELECT {', '.join(STREAM_COLUMNS)} FROM streams WHERE id = ANY($1::text[]) "
+    f"SELECT {', '.join(STREAM_COLUMNS)}, xmin::text FROM streams WHERE id = ANY($1::text[]) "
     "ORDER BY id FOR UPDATE"
 )
 SELECT_PRODUCERS = (
@@ -45,12 +47,17 @@ UPSERT_PRODUCERS = (
 )
 
 
-def _write_statement() -> str:
+def _write_statement(guarded: bool) -> str:
     """Update the streams, insert the events, then NOTIFY: one statement.
 
     $1.. are the streams' ids and APPENDED_COLUMNS as arrays; then the
     events' columns as arrays, their shared created_at, the channel and the
-    NOTIFY payloads.
+    NOTIFY payloads. It returns whether it wrote, and the updated streams'
+    ids and row versions (xmin).
+
+    Guarded, two more arrays follow: the ids of every stream of the batch and
+    the row versions the batch was planned against. It then locks those rows
+    and writes only if none of them changed since (see PostgresCommit).
     """
     updated = ["id", *APPENDED_COLUMNS]
     update_args = ", ".join(
@@ -59,19 +66,44 @@ def _write_statement() -> str:
     )
     sets = ", ".join(f"{name} = u.{name}" for name in APPENDED_COLUMNS)
     n = len(updated)
+    if guarded:
+        ids, versions = f"${n + 10}::text[]", f"${n + 11}::text[]"
+        # FOR UPDATE re-reads a row another transaction changed meanwhile, so
+        # its new xmin no longer matches: the count falls short.
+        check = (
+            "locked AS ("
+            "SELECT s.id FROM streams AS s "
+            f"JOIN unnest({ids}, {versions}) AS x(id, version) "
+            "ON s.id = x.id AND s.xmin::text = x.version "
+            "ORDER BY s.id FOR UPDATE OF s), "
+            f"checked AS (SELECT count(*) = cardinality({ids}) AS ok FROM locked), "
+        )
+    else:
+        check = "checked AS (SELECT true AS ok), "
     return (
-        "WITH updated AS ("
-        f"UPDATE streams AS s SET {sets} FROM unnest({update_args}) AS u({', '.join(updated)}) "
-        "WHERE s.id = u.id), "
+        f"WITH {check}"
+        "updated AS ("
+        f"UPDATE streams AS s SET {sets} "
+        f"FROM unnest({update_args}) AS u({', '.join(updated)}), checked "
+        "WHERE s.id = u.id AND checked.ok RETURNING s.id, s.xmin::text AS version), "
         "inserted AS ("
         "INSERT INTO events (stream_id, seq, kind, type, payload, batch_end, created_at) "
         f"SELECT e.*, ${n + 7} FROM unnest(${n + 1}::text[], ${n + 2}::bigint[], "
-        f"${n + 3}::text[], ${n + 4}::text[], ${n + 5}::bytea[], ${n + 6}::boolean[]) AS e) "
-        f"SELECT pg_notify(${n + 8}, payload) FROM unnest(${n + 9}::text[]) AS payload"
+        f"${n + 3}::text[], ${n + 4}::text[], ${n + 5}::bytea[], ${n + 6}::boolean[]) "
+        "AS e(stream_id, seq, kind, type, payload, batch_end), checked WHERE checked.ok), "
+        "notified AS ("
+        f"SELECT pg_notify(${n + 8}, payload) FROM unnest(${n + 9}::text[]) AS payload, "
+        "checked WHERE checked.ok) "
+        "SELECT checked.ok, array(SELECT id FROM updated), array(SELECT version FROM updated), "
+        "(SELECT count(*) FROM notified) FROM checked"
     )
 
 
-WRITE = _write_statement()
+WRITE = _write_statement(guarded=False)
+WRITE_IF_UNCHANGED = _write_statement(guarded=True)
+# Rows of streams this process appended to, with their versions; the oldest
+# are forgotten first.
+KNOWN_ROWS = 4096
 
 
 class PostgresCommit:
@@ -79,6 +111,17 @@ class PostgresCommit:
 
     `stream_info` turns a row of STREAM_COLUMNS into a StreamInfo;
     `notify_payloads` splits (stream id, last seq) heads into NOTIFY payloads.
+
+    A transaction that locks the rows, plans and writes is four round trips
+    (BEGIN, the locking SELECT, the write, COMMIT), each a turn of the event
+    loop; under load they cost the committer more than the WAL flush. So the
+    committer keeps the rows it last locked or wrote, with their xmin (the row
+    version Postgres gives every update), plans a batch against those and
+    sends one statement that writes only if no row changed since: one round
+    trip, committed by Postgres on its own. A row another writer changed (an
+    append from another replica, a renewal, a delete) fails the check and the
+    batch runs as a locked transaction, which learns the row again. Batches
+    with producer claims always do: their producer rows are not kept.
     """
 
     def __init__(
@@ -90,19 +133,79 @@ class PostgresCommit:
         self.stream_info = stream_info
         self.channel = channel
         self.notify_payloads = notify_payloads
+        self._known: dict[str, tuple[StreamInfo, str]] = {}
 
     async def __call__(
         self, db: Any, requests: Sequence[AppendRequest], now: datetime
     ) -> list[AppendOutcome]:
+        outcomes = await self._commit_if_unchanged(db, requests, now)
+        if outcomes is None:
+            outcomes = await self._commit_locked(db, requests, now)
+        return outcomes
+
+    async def _commit_if_unchanged(
+        self, db: Any, requests: Sequence[AppendRequest], now: datetime
+    ) -> list[AppendOutcome] | None:
+        """The batch planned against the kept rows, or None if it must be locked."""
+        ids = sorted({r.stream_id for r in requests})
+        kept = [self._known.get(stream_id) for stream_id in ids]
+        if any(row is None for row in kept) or any(r.producer for r in requests):
+            return None
+        rows = [row for row in kept if row is not None]
+        plans, outcomes = plan_batch(requests, {info.id: info for info, _ in rows}, {}, now)
+        written, updated, versions, _ = await db.fetchrow(
+            WRITE_IF_UNCHANGED,
+            *self._write_args(plans, now),
+            ids,
+            [version for _, version in rows],
+        )
+        if not written:
+            for stream_id in ids:
+                self._known.pop(stream_id, None)
+            return None
+        self._remember_written(plans, updated, versions)
+        return outcomes
+
+    async def _commit_locked(
+        self, db: Any, requests: Sequence[AppendRequest], now: datetime
+    ) -> list[AppendOutcome]:
         ids = sorted({r.stream_id for r in requests})
         async with db.transaction():
-            infos = (self.stream_info(row) for row in await db.fetch(LOCK_STREAMS, ids))
-            current = {info.id: info for info in infos}
+            locked = [tuple(row) for row in await db.fetch(LOCK_STREAMS, ids)]
+            current = {}
+            for values in locked:
+                info = self.stream_info(values[:-1])
+                current[info.id] = info
+                self._remember(info, values[-1])
+            for stream_id in ids:
+                if stream_id not in current:
+                    self._known.pop(stream_id, None)
             known = await self._producers(db, requests)
             plans, outcomes = plan_batch(requests, current, known, now)
             if plans:
-                await self._write(db, plans, now)
+                _, updated, versions, _ = await db.fetchrow(WRITE, *self._write_args(plans, now))
+                await self._write_producers(db, plans, now)
+        # Kept only once committed: a rolled-back write left the rows as they were.
+        if plans:
+            self._remember_written(plans, updated, versions)
         return outcomes
+
+    def _remember(self, info: StreamInfo, version: str) -> None:
+        known = self._known
+        if info.id not in known and len(known) >= KNOWN_ROWS:
+            del known[next(iter(known))]
+        known[info.id] = (info, version)
+
+    def _remember_written(
+        self, plans: list[StreamPlan], updated: list[str], versions: list[str]
+    ) -> None:
+        new_versions = dict(zip(updated, versions, strict=True))
+        for plan in plans:
+            version = new_versions.get(plan.info.id)
+            if version is None:  # not updated after all: not known any more
+                self._known.pop(plan.info.id, None)
+            else:
+                self._remember(plan.info, version)
 
     async def _producers(
         self, db: Any, requests: Sequence[AppendRequest]
@@ -119,7 +222,8 @@ class PostgresCommit:
                 found.setdefault(stream_id, {})[producer_id] = ProducerState(epoch, last_seq)
         return found
 
-    async def _write(self, db: Any, plans: list[StreamPlan], now: datetime) -> None:
+    def _write_args(self, plans: list[StreamPlan], now: datetime) -> list[Any]:
+        """The parameters of WRITE: the streams' new rows, the events, the NOTIFY."""
         infos = [plan.info for plan in plans]
         columns: list[list[Any]] = [[info.id for info in infos]]
         for name in APPENDED_COLUMNS:
@@ -127,7 +231,7 @@ class PostgresCommit:
         columns[1 + APPENDED_COLUMNS.index("status")] = [info.status.value for info in infos]
         new = [e for plan in plans for e in plan.events]
         # kind._value_: the plain attribute (.value is a property, slow once per event).
-        events = [
+        events: list[Any] = [
             [e.stream_id for e in new],
             [e.seq for e in new],
             [e.kind._value_ for e in new],
@@ -138,7 +242,10 @@ class PostgresCommit:
         # Delivered at COMMIT and dropped on rollback: a wake-up never announces
         # rows that do not exist. One NOTIFY per transaction, not per event.
         payloads = self.notify_payloads([(info.id, info.last_seq) for info in infos])
-        await db.execute(WRITE, *columns, *events, new[0].created_at, self.channel, payloads)
+        created_at = new[0].created_at if new else now
+        return [*columns, *events, created_at, self.channel, payloads]
+
+    async def _write_producers(self, db: Any, plans: list[StreamPlan], now: datetime) -> None:
         states = [
             (plan.info.id, producer_id, state.epoch, state.last_seq)
             for plan in plans
