@@ -429,11 +429,12 @@ class SqlStore:
 
     async def read(self, stream_id: str, after: int, limit: int, now: datetime) -> list[Event]:
         sql = self._sql
-        params = (stream_id, after, sql.bind_time(now), limit)
+        params = (stream_id, after, sql.bind_time(now), limit, after + limit)
         return self._events(stream_id, await self._fetch(sql.read_events, params))
 
     async def read_range(self, stream_id: str, after: int, upto: int, limit: int) -> list[Event]:
-        params = (stream_id, after, upto, limit)
+        # Bounded by the page as read_events is.
+        params = (stream_id, after, min(upto, after + limit), limit)
         return self._events(stream_id, await self._fetch(self._sql.read_range, params))
 
     async def _fetch(self, statement: str, params: tuple[Any, ...]) -> Sequence[Any]:
@@ -676,12 +677,21 @@ class HotSql:
             "INSERT INTO events (stream_id, seq, kind, type, payload, created_at, batch_end) "
             f"VALUES ({p[0]}, {p[1]}, {p[2]}, {p[3]}, {p[4]}, {p[5]}, {p[6]})"
         )
-        # The join makes an expired stream read as gone before the sweeper deletes it.
+        # The EXISTS makes an expired stream read as gone before the sweeper
+        # deletes it. It does not depend on the event row, so it runs once per
+        # page. As a join, Postgres checked the stream again for every row (a
+        # nested loop over streams).
+        # The upper bound (after + limit: a stream's own seqs have no gaps) keeps
+        # a page's cost to its own rows whatever plan Postgres picks. Without
+        # it, a table whose statistics underestimate a stream (new tables, a
+        # stream that grew since the last ANALYZE) was read by a bitmap scan of
+        # everything after the cursor and a sort of it, for every page: a
+        # catch-up of n events cost n²/limit rows.
         self.read_events = (
             "SELECT e.seq, e.kind, e.type, e.payload, e.created_at, e.batch_end FROM events e "
-            "JOIN streams s ON s.id = e.stream_id "
-            f"WHERE e.stream_id = {p[0]} AND e.seq > {p[1]} "
-            f"AND (s.expires_at IS NULL OR s.expires_at > {p[2]}) "
+            f"WHERE e.stream_id = {p[0]} AND e.seq > {p[1]} AND e.seq <= {p[4]} "
+            f"AND EXISTS (SELECT 1 FROM streams s WHERE s.id = {p[0]} "
+            f"AND (s.expires_at IS NULL OR s.expires_at > {p[2]})) "
             f"ORDER BY e.seq LIMIT {p[3]}"
         )
         self.select_stream = f"SELECT {', '.join(STREAM_COLUMNS)} FROM streams WHERE id = {p[0]}"
@@ -750,7 +760,8 @@ def _parse_sqlite_time(raw: str) -> datetime:
 _PARSED_TIMES: dict[str, datetime] = {}
 
 
-SQLITE_HOT_SQL = HotSql(["?"] * 7, text_times=True)
+# Numbered, so that a statement can use a parameter twice.
+SQLITE_HOT_SQL = HotSql([f"?{i}" for i in range(1, 8)], text_times=True)
 POSTGRES_HOT_SQL = HotSql([f"${i}" for i in range(1, 8)], text_times=False)
 
 
