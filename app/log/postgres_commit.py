@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql
 
 from app.log.api import AppendRequest, ProducerState, StreamInfo
 from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, streams
-from app.log.store import AppendOutcome, StreamPlan, plan_batch
+from app.log.store import AppendOutcome, KeptRows, StreamPlan, plan_batch
 
 
 def _array_type(name: str) -> str:
@@ -101,9 +101,6 @@ def _write_statement(guarded: bool) -> str:
 
 WRITE = _write_statement(guarded=False)
 WRITE_IF_UNCHANGED = _write_statement(guarded=True)
-# Rows of streams this process appended to, with their versions; the oldest
-# are forgotten first.
-KNOWN_ROWS = 4096
 
 
 class PostgresCommit:
@@ -133,7 +130,7 @@ class PostgresCommit:
         self.stream_info = stream_info
         self.channel = channel
         self.notify_payloads = notify_payloads
-        self._known: dict[str, tuple[StreamInfo, str]] = {}
+        self._kept: KeptRows[str] = KeptRows()
 
     async def __call__(
         self, db: Any, requests: Sequence[AppendRequest], now: datetime
@@ -148,7 +145,7 @@ class PostgresCommit:
     ) -> list[AppendOutcome] | None:
         """The batch planned against the kept rows, or None if it must be locked."""
         ids = sorted({r.stream_id for r in requests})
-        kept = [self._known.get(stream_id) for stream_id in ids]
+        kept = [self._kept.get(stream_id) for stream_id in ids]
         if any(row is None for row in kept) or any(r.producer for r in requests):
             return None
         rows = [row for row in kept if row is not None]
@@ -161,7 +158,7 @@ class PostgresCommit:
         )
         if not written:
             for stream_id in ids:
-                self._known.pop(stream_id, None)
+                self._kept.forget(stream_id)
             return None
         self._remember_written(plans, updated, versions)
         return outcomes
@@ -176,10 +173,10 @@ class PostgresCommit:
             for values in locked:
                 info = self.stream_info(values[:-1])
                 current[info.id] = info
-                self._remember(info, values[-1])
+                self._kept.keep(info, values[-1])
             for stream_id in ids:
                 if stream_id not in current:
-                    self._known.pop(stream_id, None)
+                    self._kept.forget(stream_id)
             known = await self._producers(db, requests)
             plans, outcomes = plan_batch(requests, current, known, now)
             if plans:
@@ -190,12 +187,6 @@ class PostgresCommit:
             self._remember_written(plans, updated, versions)
         return outcomes
 
-    def _remember(self, info: StreamInfo, version: str) -> None:
-        known = self._known
-        if info.id not in known and len(known) >= KNOWN_ROWS:
-            del known[next(iter(known))]
-        known[info.id] = (info, version)
-
     def _remember_written(
         self, plans: list[StreamPlan], updated: list[str], versions: list[str]
     ) -> None:
@@ -203,9 +194,9 @@ class PostgresCommit:
         for plan in plans:
             version = new_versions.get(plan.info.id)
             if version is None:  # not updated after all: not known any more
-                self._known.pop(plan.info.id, None)
+                self._kept.forget(plan.info.id)
             else:
-                self._remember(plan.info, version)
+                self._kept.keep(plan.info, version)
 
     async def _producers(
         self, db: Any, requests: Sequence[AppendRequest]

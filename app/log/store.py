@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from app.errors import Status, StreamError, not_found
 from app.log.api import (
@@ -451,3 +451,39 @@ def group_by_stream(requests: Sequence[AppendRequest]) -> dict[str, list[int]]:
     for i, request in enumerate(requests):
         groups.setdefault(request.stream_id, []).append(i)
     return groups
+
+
+V = TypeVar("V")
+
+
+class KeptRows(Generic[V]):
+    """The stream rows a committer last read or wrote, each with the version of
+    the row it was valid at (Postgres: xmin; SQLite: one version for the file).
+
+    A committer that can tell a row is unchanged plans against the kept one
+    instead of reading it again: reading and decoding rows was most of a
+    commit's own work when a batch touched many streams. At most `limit` rows;
+    the oldest go first.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.limit = limit
+        self._rows: dict[str, tuple[StreamInfo, V]] = {}
+
+    def get(self, stream_id: str) -> tuple[StreamInfo, V] | None:
+        return self._rows.get(stream_id)
+
+    def keep(self, info: StreamInfo, version: V) -> None:
+        rows = self._rows
+        if info.id not in rows and len(rows) >= self.limit:
+            del rows[next(iter(rows))]
+        rows[info.id] = (info, version)
+
+    def forget(self, stream_id: str) -> None:
+        self._rows.pop(stream_id, None)
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def __len__(self) -> int:
+        return len(self._rows)
