@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 
+from app.cli import tune_gc
 from bench.context import Context
 from bench.scenarios import SCENARIOS
 
@@ -20,6 +21,9 @@ RESULTS_MARKER = "BENCH-RESULTS "
 def main(argv: list[str]) -> int:
     name, context_json = argv
     context = Context.from_json(context_json)
+    # The collector as `streamkeep serve` sets it: in-process appends are what
+    # flows do inside the service's process.
+    tune_gc()
     results = asyncio.run(SCENARIOS[name].run(context))
     payload = json.dumps([r.to_json() for r in results])
     sys.stdout.write(f"\n{RESULTS_MARKER}{payload}\n")
