@@ -81,7 +81,9 @@ class SqliteCommit:
         self.stream_info = stream_info
         self.bind_time = bind_time
         self._kept: KeptRows[None] = KeptRows()
-        self._kept_at_version: int | None = None
+        # data_version is a counter of one connection: the kept rows are valid
+        # on the connection they were kept on, at that version.
+        self._kept_at: tuple[sqlite3.Connection, int] | None = None
 
     def __call__(
         self, db: sqlite3.Connection, requests: Sequence[AppendRequest], now: datetime
@@ -114,9 +116,9 @@ class SqliteCommit:
     def _streams(self, db: sqlite3.Connection, ids: list[str]) -> dict[str, StreamInfo]:
         """The rows of these streams: kept ones while no other connection wrote."""
         (version,) = db.execute("PRAGMA data_version").fetchone()
-        if version != self._kept_at_version:
+        if self._kept_at != (db, version):
             self._kept.clear()
-            self._kept_at_version = version
+            self._kept_at = (db, version)
         current: dict[str, StreamInfo] = {}
         missing: list[str] = []
         for stream_id in ids:
