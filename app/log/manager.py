@@ -884,11 +884,11 @@ class StreamManager:
                 else:
                     events = _within_bytes(events, self.batch_bytes)
                 if events:
-                    for i, event in enumerate(events):
-                        if event.is_terminal:
-                            yield events[: i + 1]
-                            return
                     yield events
+                    # A batch is a run of the stream's events: only its last
+                    # can be the terminal one.
+                    if events[-1].is_terminal:
+                        return
                     cursor = events[-1].seq
                     continue
                 if tail.gone:
