@@ -39,35 +39,43 @@ SELECT_PRODUCERS = (
     "SELECT stream_id, producer_id, epoch, last_seq FROM producers "
     "WHERE stream_id = ANY($1::text[]) AND producer_id = ANY($2::text[])"
 )
-UPSERT_PRODUCERS = (
-    "INSERT INTO producers (stream_id, producer_id, epoch, last_seq, updated_at) "
-    "SELECT u.*, $5 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u "
-    "ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
-    "epoch = excluded.epoch, last_seq = excluded.last_seq, updated_at = excluded.updated_at"
-)
 
 
 def _write_statement(guarded: bool) -> str:
-    """Update the streams, insert the events, then NOTIFY: one statement.
+    """Update the streams, insert the events, upsert the producers, then
+    NOTIFY: one statement.
 
-    $1.. are the streams' ids and APPENDED_COLUMNS as arrays; then the
-    events' columns as arrays, their shared created_at, the channel and the
-    NOTIFY payloads. It returns whether it wrote, and the updated streams'
-    ids and row versions (xmin).
+    Its parameters, in order: the streams' ids and APPENDED_COLUMNS as
+    arrays; the events' columns as arrays and their shared created_at; the
+    producers' stream ids, ids, epochs and seqs as arrays and their
+    updated_at; the channel and the NOTIFY payloads. It returns whether it
+    wrote, and the updated streams' ids and row versions (xmin).
 
     Guarded, two more arrays follow: the ids of every stream of the batch and
     the row versions the batch was planned against. It then locks those rows
     and writes only if none of them changed since (see PostgresCommit).
     """
+    count = 0
+
+    def param(cast: str = "") -> str:
+        nonlocal count
+        count += 1
+        return f"${count}{cast}"
+
     updated = ["id", *APPENDED_COLUMNS]
     update_args = ", ".join(
-        f"${i}::{'text[]' if name == 'id' else _array_type(name)}"
-        for i, name in enumerate(updated, start=1)
+        param("::text[]" if name == "id" else f"::{_array_type(name)}") for name in updated
     )
-    sets = ", ".join(f"{name} = u.{name}" for name in APPENDED_COLUMNS)
-    n = len(updated)
+    event_args = ", ".join(
+        param(f"::{cast}[]") for cast in ("text", "bigint", "text", "text", "bytea", "boolean")
+    )
+    events_created_at = param()
+    producer_args = ", ".join(param(f"::{cast}[]") for cast in ("text", "text", "bigint", "bigint"))
+    producers_updated_at = param()
+    channel, payloads = param(), param("::text[]")
+    check = "checked AS (SELECT true AS ok), "
     if guarded:
-        ids, versions = f"${n + 10}::text[]", f"${n + 11}::text[]"
+        ids, versions = param("::text[]"), param("::text[]")
         # FOR UPDATE re-reads a row another transaction changed meanwhile, so
         # its new xmin no longer matches: the count falls short.
         check = (
@@ -78,8 +86,7 @@ def _write_statement(guarded: bool) -> str:
             "ORDER BY s.id FOR UPDATE OF s), "
             f"checked AS (SELECT count(*) = cardinality({ids}) AS ok FROM locked), "
         )
-    else:
-        check = "checked AS (SELECT true AS ok), "
+    sets = ", ".join(f"{name} = u.{name}" for name in APPENDED_COLUMNS)
     return (
         f"WITH {check}"
         "updated AS ("
@@ -88,11 +95,16 @@ def _write_statement(guarded: bool) -> str:
         "WHERE s.id = u.id AND checked.ok RETURNING s.id, s.xmin::text AS version), "
         "inserted AS ("
         "INSERT INTO events (stream_id, seq, kind, type, payload, batch_end, created_at) "
-        f"SELECT e.*, ${n + 7} FROM unnest(${n + 1}::text[], ${n + 2}::bigint[], "
-        f"${n + 3}::text[], ${n + 4}::text[], ${n + 5}::bytea[], ${n + 6}::boolean[]) "
+        f"SELECT e.*, {events_created_at} FROM unnest({event_args}) "
         "AS e(stream_id, seq, kind, type, payload, batch_end), checked WHERE checked.ok), "
+        "upserted AS ("
+        "INSERT INTO producers (stream_id, producer_id, epoch, last_seq, updated_at) "
+        f"SELECT p.*, {producers_updated_at} FROM unnest({producer_args}) "
+        "AS p(stream_id, producer_id, epoch, last_seq), checked WHERE checked.ok "
+        "ON CONFLICT (stream_id, producer_id) DO UPDATE SET "
+        "epoch = excluded.epoch, last_seq = excluded.last_seq, updated_at = excluded.updated_at), "
         "notified AS ("
-        f"SELECT pg_notify(${n + 8}, payload) FROM unnest(${n + 9}::text[]) AS payload, "
+        f"SELECT pg_notify({channel}, payload) FROM unnest({payloads}) AS payload, "
         "checked WHERE checked.ok) "
         "SELECT checked.ok, array(SELECT id FROM updated), array(SELECT version FROM updated), "
         "(SELECT count(*) FROM notified) FROM checked"
@@ -101,6 +113,9 @@ def _write_statement(guarded: bool) -> str:
 
 WRITE = _write_statement(guarded=False)
 WRITE_IF_UNCHANGED = _write_statement(guarded=True)
+# What the committer knows of a stream's producers: the state of each it has
+# read or written, None for one it found absent.
+KnownProducers = dict[str, ProducerState | None]
 
 
 class PostgresCommit:
@@ -117,8 +132,12 @@ class PostgresCommit:
     sends one statement that writes only if no row changed since: one round
     trip, committed by Postgres on its own. A row another writer changed (an
     append from another replica, a renewal, a delete) fails the check and the
-    batch runs as a locked transaction, which learns the row again. Batches
-    with producer claims always do: their producer rows are not kept.
+    batch runs as a locked transaction, which learns the row again.
+
+    Producer states are kept with their stream's row: a producer row changes
+    only in a transaction that also updates its stream's row, so an unchanged
+    xmin vouches for them too. A batch naming a producer the committer has
+    not seen on that stream runs locked, and reads it.
     """
 
     def __init__(
@@ -130,7 +149,7 @@ class PostgresCommit:
         self.stream_info = stream_info
         self.channel = channel
         self.notify_payloads = notify_payloads
-        self._kept: KeptRows[str] = KeptRows()
+        self._kept: KeptRows[tuple[str, KnownProducers]] = KeptRows()
 
     async def __call__(
         self, db: Any, requests: Sequence[AppendRequest], now: datetime
@@ -145,22 +164,33 @@ class PostgresCommit:
     ) -> list[AppendOutcome] | None:
         """The batch planned against the kept rows, or None if it must be locked."""
         ids = sorted({r.stream_id for r in requests})
-        kept = [self._kept.get(stream_id) for stream_id in ids]
-        if any(row is None for row in kept) or any(r.producer for r in requests):
-            return None
-        rows = [row for row in kept if row is not None]
-        plans, outcomes = plan_batch(requests, {info.id: info for info, _ in rows}, {}, now)
-        written, updated, versions, _ = await db.fetchrow(
-            WRITE_IF_UNCHANGED,
-            *self._write_args(plans, now),
-            ids,
-            [version for _, version in rows],
+        current: dict[str, StreamInfo] = {}
+        versions: list[str] = []
+        known: dict[str, KnownProducers] = {}
+        for stream_id in ids:
+            kept = self._kept.get(stream_id)
+            if kept is None:
+                return None
+            current[stream_id], (version, known[stream_id]) = kept
+            versions.append(version)
+        producers: dict[str, dict[str, ProducerState]] = {}
+        for request in requests:
+            if request.producer is not None:
+                producer_id = request.producer.producer_id
+                if producer_id not in known[request.stream_id]:
+                    return None
+                state = known[request.stream_id][producer_id]
+                if state is not None:
+                    producers.setdefault(request.stream_id, {})[producer_id] = state
+        plans, outcomes = plan_batch(requests, current, producers, now)
+        written, updated, new_versions, _ = await db.fetchrow(
+            WRITE_IF_UNCHANGED, *self._write_args(plans, now), ids, versions
         )
         if not written:
             for stream_id in ids:
                 self._kept.forget(stream_id)
             return None
-        self._remember_written(plans, updated, versions)
+        self._keep_written(plans, updated, new_versions)
         return outcomes
 
     async def _commit_locked(
@@ -168,35 +198,57 @@ class PostgresCommit:
     ) -> list[AppendOutcome]:
         ids = sorted({r.stream_id for r in requests})
         async with db.transaction():
-            locked = [tuple(row) for row in await db.fetch(LOCK_STREAMS, ids)]
-            current = {}
-            for values in locked:
+            current: dict[str, StreamInfo] = {}
+            versions: dict[str, str] = {}
+            for row in await db.fetch(LOCK_STREAMS, ids):
+                values = tuple(row)
                 info = self.stream_info(values[:-1])
-                current[info.id] = info
-                self._kept.keep(info, values[-1])
-            for stream_id in ids:
-                if stream_id not in current:
-                    self._kept.forget(stream_id)
-            known = await self._producers(db, requests)
-            plans, outcomes = plan_batch(requests, current, known, now)
+                current[info.id], versions[info.id] = info, values[-1]
+            found = await self._producers(db, requests)
+            plans, outcomes = plan_batch(requests, current, found, now)
             if plans:
-                _, updated, versions, _ = await db.fetchrow(WRITE, *self._write_args(plans, now))
-                await self._write_producers(db, plans, now)
-        # Kept only once committed: a rolled-back write left the rows as they were.
+                _, updated, new_versions, _ = await db.fetchrow(
+                    WRITE, *self._write_args(plans, now)
+                )
+        for stream_id in ids:
+            if stream_id in current:
+                self._keep_read(current[stream_id], versions[stream_id], requests, found)
+            else:
+                self._kept.forget(stream_id)
+        # Written rows are kept only once committed: a rollback raised above.
         if plans:
-            self._remember_written(plans, updated, versions)
+            self._keep_written(plans, updated, new_versions)
         return outcomes
 
-    def _remember_written(
+    def _keep_read(
+        self,
+        info: StreamInfo,
+        version: str,
+        requests: Sequence[AppendRequest],
+        found: dict[str, dict[str, ProducerState]],
+    ) -> None:
+        """Keep a locked row, with what is known of its producers at that version."""
+        kept = self._kept.get(info.id)
+        known: KnownProducers = dict(kept[1][1]) if kept and kept[1][0] == version else {}
+        stored = found.get(info.id, {})
+        for request in requests:
+            if request.stream_id == info.id and request.producer is not None:
+                producer_id = request.producer.producer_id
+                known[producer_id] = stored.get(producer_id)
+        self._kept.keep(info, (version, _bounded(known)))
+
+    def _keep_written(
         self, plans: list[StreamPlan], updated: list[str], versions: list[str]
     ) -> None:
         new_versions = dict(zip(updated, versions, strict=True))
         for plan in plans:
             version = new_versions.get(plan.info.id)
-            if version is None:  # not updated after all: not known any more
+            kept = self._kept.get(plan.info.id)
+            if version is None or kept is None:  # not updated after all: not known any more
                 self._kept.forget(plan.info.id)
-            else:
-                self._kept.keep(plan.info, version)
+                continue
+            known: KnownProducers = {**kept[1][1], **plan.producers}
+            self._kept.keep(plan.info, (version, _bounded(known)))
 
     async def _producers(
         self, db: Any, requests: Sequence[AppendRequest]
@@ -214,7 +266,8 @@ class PostgresCommit:
         return found
 
     def _write_args(self, plans: list[StreamPlan], now: datetime) -> list[Any]:
-        """The parameters of WRITE: the streams' new rows, the events, the NOTIFY."""
+        """The parameters of WRITE: the streams' new rows, the events, the
+        producers' states and the NOTIFY."""
         infos = [plan.info for plan in plans]
         columns: list[list[Any]] = [[info.id for info in infos]]
         for name in APPENDED_COLUMNS:
@@ -230,17 +283,26 @@ class PostgresCommit:
             [e.payload for e in new],
             [e.batch_end for e in new],
         ]
-        # Delivered at COMMIT and dropped on rollback: a wake-up never announces
-        # rows that do not exist. One NOTIFY per transaction, not per event.
-        payloads = self.notify_payloads([(info.id, info.last_seq) for info in infos])
         created_at = new[0].created_at if new else now
-        return [*columns, *events, created_at, self.channel, payloads]
-
-    async def _write_producers(self, db: Any, plans: list[StreamPlan], now: datetime) -> None:
         states = [
             (plan.info.id, producer_id, state.epoch, state.last_seq)
             for plan in plans
             for producer_id, state in plan.producers.items()
         ]
-        if states:
-            await db.execute(UPSERT_PRODUCERS, *map(list, zip(*states, strict=True)), now)
+        producers = (
+            [list(column) for column in zip(*states, strict=True)] if states else [[], [], [], []]
+        )
+        # Delivered at COMMIT and dropped on rollback: a wake-up never announces
+        # rows that do not exist. One NOTIFY per transaction, not per event.
+        payloads = self.notify_payloads([(info.id, info.last_seq) for info in infos])
+        return [*columns, *events, created_at, *producers, now, self.channel, payloads]
+
+
+# A stream's producers kept with its row, at most; beyond, the oldest go.
+KEPT_PRODUCERS_PER_STREAM = 256
+
+
+def _bounded(known: KnownProducers) -> KnownProducers:
+    while len(known) > KEPT_PRODUCERS_PER_STREAM:
+        del known[next(iter(known))]
+    return known

@@ -15,7 +15,15 @@ from typing import Any
 import pytest
 
 from app.errors import Status, StreamError
-from app.log import EventKind, StreamManager, create_manager
+from app.log import (
+    AppendRequest,
+    EventKind,
+    NewEvent,
+    Problem,
+    ProducerClaim,
+    StreamManager,
+    create_manager,
+)
 from app.log.postgres_commit import PostgresCommit
 
 
@@ -79,6 +87,37 @@ async def test_an_append_after_another_replica_created_the_stream_again_starts_i
         assert await seqs(b, "s") == [1]
 
 
+async def produce(manager: StreamManager, producer: str, epoch: int, seq: int) -> Any:
+    claim = ProducerClaim(producer, epoch, seq)
+    request = AppendRequest("s", [NewEvent.chunk([producer, seq])], producer=claim)
+    return await manager.apply(request)
+
+
+async def test_a_producers_retry_is_a_duplicate_whichever_replica_took_the_original(
+    shared_url: str,
+) -> None:
+    async with replicas(shared_url) as (a, b):
+        await a.open("s")
+        assert not (await produce(a, "p", 0, 0)).duplicate
+        assert not (await produce(b, "p", 0, 1)).duplicate
+        # a kept p at seq 0; b has moved it on. The retry of seq 1 on a is a duplicate.
+        assert (await produce(a, "p", 0, 1)).duplicate
+        assert not (await produce(a, "p", 0, 2)).duplicate
+        assert await seqs(a, "s") == [1, 2, 3]
+
+
+async def test_a_stale_epoch_is_refused_after_another_replica_fenced_it(shared_url: str) -> None:
+    async with replicas(shared_url) as (a, b):
+        await a.open("s")
+        await produce(a, "p", 0, 0)
+        await produce(b, "p", 1, 0)  # a new epoch, on the other replica
+        with pytest.raises(StreamError) as refused:
+            await produce(a, "p", 0, 1)
+        assert refused.value.status is Status.PERMISSION_DENIED
+        assert refused.value.details["reason"] == str(Problem.STALE_EPOCH)
+        assert await seqs(a, "s") == [1, 2]
+
+
 @pytest.mark.postgres
 async def test_a_batch_on_a_row_the_committer_wrote_last_is_not_locked_again(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
@@ -101,3 +140,27 @@ async def test_a_batch_on_a_row_the_committer_wrote_last_is_not_locked_again(
         await a.writer("s").write("after b")
         assert len(locked) == 3  # b learns it; a's kept row is stale and is locked again
         assert await seqs(a, "s") == list(range(1, 8))
+
+
+@pytest.mark.postgres
+async def test_a_known_producers_next_append_is_not_locked_again(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked: list[Any] = []
+    original = PostgresCommit._commit_locked
+
+    async def counting(self: PostgresCommit, *args: Any) -> Any:
+        locked.append(args)
+        return await original(self, *args)
+
+    monkeypatch.setattr(PostgresCommit, "_commit_locked", counting)
+    async with create_manager(pg_url) as manager:
+        await manager.open("s")
+        await produce(manager, "p", 0, 0)  # learns the row and that p is new
+        assert len(locked) == 1
+        for seq in range(1, 5):
+            await produce(manager, "p", 0, seq)
+        assert (await produce(manager, "p", 0, 4)).duplicate
+        await produce(manager, "q", 0, 0)  # a producer not seen on this stream: read
+        assert len(locked) == 2
+        assert await seqs(manager, "s") == list(range(1, 7))
