@@ -761,15 +761,28 @@ async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIRespon
             # Refused by a row read earlier (nothing was written): the answer
             # comes from the row as it is now, as for any first append.
             forget_stream(call.manager, call.stream_id)
-    info = await existing(call)
-    writable(info)
-    if not body:
-        request_ = AppendRequest(call.stream_id, [NewEvent.closed()], origin=ORIGIN, producer=claim)
-        request_.writer_seq = writer_seq
-        return await close_only(call, info, request_)
-    if info.is_open:
-        remember_stream(call.manager, info)
-    return await append_body(call, info, body, content_type, closing, claim, writer_seq)
+    for _ in range(2):
+        info = await existing(call)
+        writable(info)
+        if not body:
+            request_ = AppendRequest(
+                call.stream_id, [NewEvent.closed()], origin=ORIGIN, producer=claim
+            )
+            request_.writer_seq = writer_seq
+            return await close_only(call, info, request_)
+        if info.is_open:
+            remember_stream(call.manager, info)
+        try:
+            return await append_body(call, info, body, content_type, closing, claim, writer_seq)
+        except StreamError as exc:
+            if problem_of(exc) != Problem.REPLACED:
+                raise
+            # Deleted and created again (another replica) between the lookup
+            # and the commit; nothing was written. Once more, by the new row.
+            forget_stream(call.manager, call.stream_id)
+    raise ProtocolError(
+        409, f"stream {call.stream_id!r} was deleted and created again during the append; retry"
+    )
 
 
 # Streams this process appended to, by manager: a producer's appends skip the

@@ -3,9 +3,12 @@ precedence, odd input (always a 4xx, nothing changed) and CORS, on every backend
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 
+from app.protocols import durable_streams
 from tests.conftest import ServerFactory
 
 JSON = {"content-type": "application/json"}
@@ -144,3 +147,35 @@ def test_an_append_after_another_replica_replaced_the_stream_follows_the_new_one
     assert refused.status_code == 409, refused.text
     assert "not created as a Durable Stream" in refused.text
     assert httpx.get(f"{second.url}/v1/streams/replaced").json()["last_seq"] == 0
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_bug_an_append_that_met_a_stream_replaced_after_its_lookup_was_refused(
+    live_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica deleted the stream and created it again between this
+    replica's lookup and its commit. The commit is refused by the created_at
+    condition and nothing is written; the append was answered 400 as if the
+    request were bad. It now looks the stream up again and appends to the new one."""
+    first, second = live_server(), live_server()
+    assert httpx.put(f"{second.url}/v1/stream/raced", headers=JSON).status_code == 201
+    original = durable_streams.existing
+    replaced: list[bool] = []
+
+    async def lookup_then_replaced(call: Any) -> Any:
+        info = await original(call)
+        if not replaced:
+            replaced.append(True)
+            async with httpx.AsyncClient() as other_replica:
+                url = f"{second.url}/v1/stream/raced"
+                assert (await other_replica.delete(url)).status_code == 204
+                assert (await other_replica.put(url, headers=JSON)).status_code == 201
+        return info
+
+    monkeypatch.setattr(durable_streams, "existing", lookup_then_replaced)
+    answer = httpx.post(f"{first.url}/v1/stream/raced", headers=JSON, content=b"[1]")
+    assert answer.status_code == 204, answer.text
+    assert replaced
+    assert httpx.get(f"{second.url}/v1/stream/raced?offset=-1").json() == [1]
