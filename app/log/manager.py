@@ -724,11 +724,15 @@ class StreamManager:
         return future
 
     def _queue(self, request: AppendRequest, detailed: bool) -> asyncio.Future[Any]:
-        if not request.events and request.reject is None:
+        events = request.events
+        if len(events) == 1:  # the usual case: nothing else to check
+            self._check_size(events[0])
+            return self._committer_started().submit(request, detailed)
+        if not events and request.reject is None:
             raise StreamError(Status.INVALID_ARGUMENT, "an append needs at least one event")
-        if any(e.kind.is_terminal for e in request.events[:-1]):
+        if any(e.kind.is_terminal for e in events[:-1]):
             raise StreamError(Status.INVALID_ARGUMENT, "only the last event may end the stream")
-        self._check_sizes(request.events)
+        self._check_sizes(events)
         return self._committer_started().submit(request, detailed)
 
     def _check_sizes(self, events: Iterable[NewEvent]) -> None:
