@@ -118,19 +118,25 @@ async def test_a_stale_epoch_is_refused_after_another_replica_fenced_it(shared_u
         assert await seqs(a, "s") == [1, 2]
 
 
-@pytest.mark.postgres
-async def test_a_batch_on_a_row_the_committer_wrote_last_is_not_locked_again(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The performance property: one statement, no BEGIN/SELECT FOR UPDATE/COMMIT."""
-    locked: list[Any] = []
+@pytest.fixture
+def locked(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every batch the Postgres committer runs as a locked transaction."""
+    batches: list[Any] = []
     original = PostgresCommit._commit_locked
 
     async def counting(self: PostgresCommit, *args: Any) -> Any:
-        locked.append(args)
+        batches.append(args)
         return await original(self, *args)
 
     monkeypatch.setattr(PostgresCommit, "_commit_locked", counting)
+    return batches
+
+
+@pytest.mark.postgres
+async def test_a_batch_on_a_row_the_committer_wrote_last_is_not_locked_again(
+    pg_url: str, locked: list[Any]
+) -> None:
+    """The performance property: one statement, no BEGIN/SELECT FOR UPDATE/COMMIT."""
     async with replicas(pg_url) as (a, b):
         await a.open("s")
         for i in range(5):
@@ -144,16 +150,8 @@ async def test_a_batch_on_a_row_the_committer_wrote_last_is_not_locked_again(
 
 @pytest.mark.postgres
 async def test_a_known_producers_next_append_is_not_locked_again(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, locked: list[Any]
 ) -> None:
-    locked: list[Any] = []
-    original = PostgresCommit._commit_locked
-
-    async def counting(self: PostgresCommit, *args: Any) -> Any:
-        locked.append(args)
-        return await original(self, *args)
-
-    monkeypatch.setattr(PostgresCommit, "_commit_locked", counting)
     async with create_manager(pg_url) as manager:
         await manager.open("s")
         await produce(manager, "p", 0, 0)  # learns the row and that p is new
