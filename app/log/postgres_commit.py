@@ -3,10 +3,11 @@
 Through SQLAlchemy a group commit was eight round trips (BEGIN, lock,
 update, insert, NOTIFY, COMMIT, ...), each a turn of the event loop, plus
 SQLAlchemy's statement handling on the one core the service has. Here one
-statement updates the streams, inserts the events and notifies
-(data-modifying CTEs over arrays). A batch on rows the committer already
-knows is that statement alone, guarded by the rows' versions; otherwise it
-is BEGIN, one locking SELECT, the statement and COMMIT.
+statement updates the streams, inserts the events, upserts the producers'
+states and notifies (data-modifying CTEs over arrays). A batch on rows the
+committer already knows is that statement alone, guarded by the rows'
+versions; otherwise it is BEGIN, one locking SELECT (and one reading the
+producers the batch names), the statement and COMMIT.
 
 sqlite_commit.py is the same transaction for SQLite; both plan with
 store.plan_batch, and `tests/log` runs one contract against every store.
