@@ -198,6 +198,7 @@ class PostgresCommit:
         self, db: Any, requests: Sequence[AppendRequest], now: datetime
     ) -> list[AppendOutcome]:
         ids = sorted({r.stream_id for r in requests})
+        claims = {(r.stream_id, r.producer.producer_id) for r in requests if r.producer}
         async with db.transaction():
             current: dict[str, StreamInfo] = {}
             versions: dict[str, str] = {}
@@ -205,15 +206,20 @@ class PostgresCommit:
                 values = tuple(row)
                 info = self.stream_info(values[:-1])
                 current[info.id], versions[info.id] = info, values[-1]
-            found = await self._producers(db, requests)
+            found = await self._producers(db, claims)
             plans, outcomes = plan_batch(requests, current, found, now)
             if plans:
                 _, updated, new_versions, _ = await db.fetchrow(
                     WRITE, *self._write_args(plans, now)
                 )
+        claimed: dict[str, list[str]] = {}
+        for stream_id, producer_id in claims:
+            claimed.setdefault(stream_id, []).append(producer_id)
         for stream_id in ids:
             if stream_id in current:
-                self._keep_read(current[stream_id], versions[stream_id], requests, found)
+                stored = found.get(stream_id, {})
+                named = {p: stored.get(p) for p in claimed.get(stream_id, [])}
+                self._keep_read(current[stream_id], versions[stream_id], named)
             else:
                 self._kept.forget(stream_id)
         # Written rows are kept only once committed: a rollback raised above.
@@ -221,21 +227,17 @@ class PostgresCommit:
             self._keep_written(plans, updated, new_versions)
         return outcomes
 
-    def _keep_read(
-        self,
-        info: StreamInfo,
-        version: str,
-        requests: Sequence[AppendRequest],
-        found: dict[str, dict[str, ProducerState]],
-    ) -> None:
-        """Keep a locked row, with what is known of its producers at that version."""
+    def _keep_read(self, info: StreamInfo, version: str, named: KnownProducers) -> None:
+        """Keep a locked row, with what is known of its producers at that version:
+        those the batch named (None if absent), and those kept before if the row
+        has not changed since."""
         kept = self._kept.get(info.id)
-        known: KnownProducers = dict(kept[1][1]) if kept and kept[1][0] == version else {}
-        stored = found.get(info.id, {})
-        for request in requests:
-            if request.stream_id == info.id and request.producer is not None:
-                producer_id = request.producer.producer_id
-                known[producer_id] = stored.get(producer_id)
+        known: KnownProducers = {}
+        if kept is not None:
+            _, (kept_version, kept_producers) = kept
+            if kept_version == version:
+                known.update(kept_producers)
+        known.update(named)
         self._kept.keep(info, (version, _bounded(known)))
 
     def _keep_written(
@@ -248,13 +250,14 @@ class PostgresCommit:
             if version is None or kept is None:  # not updated after all: not known any more
                 self._kept.forget(plan.info.id)
                 continue
-            known: KnownProducers = {**kept[1][1], **plan.producers}
+            _, (_, kept_producers) = kept
+            known: KnownProducers = {**kept_producers, **plan.producers}
             self._kept.keep(plan.info, (version, _bounded(known)))
 
     async def _producers(
-        self, db: Any, requests: Sequence[AppendRequest]
+        self, db: Any, claims: set[tuple[str, str]]
     ) -> dict[str, dict[str, ProducerState]]:
-        claims = {(r.stream_id, r.producer.producer_id) for r in requests if r.producer}
+        """The stored states of these (stream id, producer id) pairs."""
         if not claims:
             return {}
         rows = await db.fetch(

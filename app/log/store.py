@@ -484,6 +484,3 @@ class KeptRows(Generic[V]):
 
     def clear(self) -> None:
         self._rows.clear()
-
-    def __len__(self) -> int:
-        return len(self._rows)
