@@ -52,6 +52,9 @@ def check_result(result: dict[str, Any]) -> None:
         assert target["op"] in (">=", "<=")
     if result["ratio_to"] is not None and result["value"] is not None:
         assert result["ratio"] is not None, result
+    if result["same_work_to"] is not None and result["value"] is not None:
+        assert result["same_work_ratio"] is not None, result
+        assert "of the raw loop doing the same work" in result["note"], result
 
 
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -71,7 +74,11 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
     # included (other HTTP and Node parts may be pending or skipped).
     for key in (
         "db-ceiling/batched",
+        "db-ceiling/16-rows",
+        "db-ceiling/100-streams",
         "append/pipelined-1",
+        "append/writers16-1",
+        "append/writers100-100",
         "catchup/subscribe",
         "latency/in-process",
         "latency/cross-process",

@@ -7,6 +7,11 @@
   durability (SQLite WAL + synchronous=NORMAL through the stdlib driver;
   Postgres with fsync on through asyncpg), one row per commit and 1,000 rows
   per commit. No SQLAlchemy, no asyncio thread hop: the raw limit.
+* The same work as the in-process writers that each await their commit: 16
+  rows into one stream, or one row into each of 100 streams, per commit, each
+  commit also moving the streams' rows as an append does. Concurrent writers
+  cannot put more in a commit than there are writers, so this is their limit;
+  the batched loop is the target's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,13 @@ RAW_STREAM = "raw-insert"
 HTTP_CEILING_KEY = "http-ceiling/noop"
 RAW_SINGLE_KEY = "db-ceiling/single"
 RAW_BATCHED_KEY = "db-ceiling/batched"
+RAW_16_ROWS_KEY = "db-ceiling/16-rows"
+RAW_100_STREAMS_KEY = "db-ceiling/100-streams"
+# (key, case, streams, rows into each per commit)
+SAME_WORK = (
+    (RAW_16_ROWS_KEY, "16 rows into 1 stream + its row, per commit", 1, 16),
+    (RAW_100_STREAMS_KEY, "1 row into each of 100 streams + their rows, per commit", 100, 1),
+)
 
 
 async def http_ceiling(ctx: Context) -> list[Result]:
@@ -76,8 +88,12 @@ async def db_ceiling(ctx: Context) -> list[Result]:
     seconds = ctx.size(3.0, 0.2)
     if ctx.db == "sqlite":
         single, batched = _sqlite_raw(ctx.database_url, seconds)
+        same_work = [_sqlite_same_work(ctx.database_url, seconds, s, r) for *_, s, r in SAME_WORK]
     else:
         single, batched = await _postgres_raw(ctx.database_url, seconds)
+        same_work = [
+            await _postgres_same_work(ctx.database_url, seconds, s, r) for *_, s, r in SAME_WORK
+        ]
     # A durable append waits for a commit: the 1-row loop's commit times are the
     # floor of any append-to-reader latency (a stalled WAL flush shows in p99).
     rate, commit_ms = single
@@ -103,6 +119,10 @@ async def db_ceiling(ctx: Context) -> list[Result]:
             unit="rows/s",
             note=durability,
         ),
+        *(
+            Result(DB_SCENARIO, case, key, value=rows, unit="rows/s", note=durability)
+            for (key, case, *_), rows in zip(SAME_WORK, same_work, strict=True)
+        ),
     ]
 
 
@@ -113,6 +133,21 @@ INSERT_POSTGRES = (
     "INSERT INTO events (stream_id, seq, kind, type, payload, created_at) "
     "VALUES ($1, $2, $3, $4, $5, $6)"
 )
+# Each commit of the same-work loops moves its streams' rows as an append does.
+MOVE_STREAM_SQLITE = (
+    "UPDATE streams SET last_seq = ?, updated_at = ?, last_write_at = ? WHERE id = ?"
+)
+# Postgres: the rows and the events in one statement, autocommitted, as the
+# service's committer sends a batch on rows it wrote last.
+MOVE_AND_INSERT_POSTGRES = """
+WITH moved AS (
+    UPDATE streams SET last_seq = v.last_seq, updated_at = $3, last_write_at = $3
+    FROM unnest($1::text[], $2::bigint[]) AS v(id, last_seq) WHERE streams.id = v.id
+)
+INSERT INTO events (stream_id, seq, kind, type, payload, created_at)
+SELECT r.stream_id, r.seq, 'chunk', NULL, r.payload, $3
+FROM unnest($4::text[], $5::bigint[], $6::bytea[]) AS r(stream_id, seq, payload)
+"""
 CREATE_STREAM = (
     "INSERT INTO streams (id, content_type, status, created_at, updated_at, ttl_seconds, "
     "last_write_at, last_seq) VALUES ({p}, 'application/json', 'open', {t}, {t}, 300, {t}, 0)"
@@ -174,5 +209,60 @@ async def _postgres_raw(url: str, seconds: float) -> RawRates:
                 written += per_commit
             rates.append(written / (time.perf_counter() - started))
         return (rates[0], commit_ms), rates[1]
+    finally:
+        await conn.close()
+
+
+def _sqlite_same_work(url: str, seconds: float, streams: int, rows_each: int) -> float:
+    """Rows per second: each commit inserts `rows_each` rows into every one of
+    `streams` streams and moves their rows, in one transaction."""
+    path = normalize_url(url).database
+    assert path is not None
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+            conn.execute(f"PRAGMA {pragma}")
+        now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+        ids = [f"{RAW_STREAM}-{streams}x{rows_each}-{i}" for i in range(streams)]
+        for stream_id in ids:
+            conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
+        last_seq, written = 0, 0
+        started, running = time.perf_counter(), until(seconds)
+        while running():
+            rows = [
+                (stream_id, last_seq + i, "chunk", None, SMALL_EVENT_BYTES, now)
+                for stream_id in ids
+                for i in range(1, rows_each + 1)
+            ]
+            last_seq += rows_each
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(MOVE_STREAM_SQLITE, [(last_seq, now, now, s) for s in ids])
+            conn.executemany(INSERT_SQLITE, rows)
+            conn.execute("COMMIT")
+            written += len(rows)
+        return written / (time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+async def _postgres_same_work(url: str, seconds: float, streams: int, rows_each: int) -> float:
+    """As _sqlite_same_work, each commit one statement in autocommit."""
+    conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
+    try:
+        now = datetime.now(UTC)
+        ids = [f"{RAW_STREAM}-{streams}x{rows_each}-{i}" for i in range(streams)]
+        for stream_id in ids:
+            await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
+        statement = await conn.prepare(MOVE_AND_INSERT_POSTGRES)
+        row_ids = [stream_id for stream_id in ids for _ in range(rows_each)]
+        payloads = [SMALL_EVENT_BYTES] * len(row_ids)
+        last_seq, written = 0, 0
+        started, running = time.perf_counter(), until(seconds)
+        while running():
+            seqs = [last_seq + i for _ in ids for i in range(1, rows_each + 1)]
+            last_seq += rows_each
+            await statement.fetch(ids, [last_seq] * streams, now, row_ids, seqs, payloads)
+            written += len(seqs)
+        return written / (time.perf_counter() - started)
     finally:
         await conn.close()
