@@ -102,10 +102,12 @@ class StreamStore(Protocol):
 @dataclass(slots=True)
 class StreamPlan:
     """What a batch of appends does to one stream: the new row, the new events,
-    and the producer states that changed."""
+    the row's columns whose values changed (what a store needs to write), and
+    the producer states that changed."""
 
     info: StreamInfo
     events: list[Event]
+    columns: tuple[str, ...]
     producers: dict[str, ProducerState] = field(default_factory=dict)
 
 
@@ -139,9 +141,8 @@ def plan_appends(
             new_events.extend(outcome.events)
     if not new_events:
         return None, outcomes
-    row = _advance(state.info, new_events, now, state.row_changes())
-    plan = StreamPlan(row, new_events, state.changed)
-    return plan, outcomes
+    row, columns = _advance(state.info, new_events, now, state.row_changes())
+    return StreamPlan(row, new_events, columns, state.changed), outcomes
 
 
 class _RunningState:
@@ -313,7 +314,8 @@ def expiry(info: StreamInfo, accessed_at: datetime) -> datetime | None:
 
 def _advance(
     info: StreamInfo, events: list[Event], now: datetime, extra: dict[str, object] | None = None
-) -> StreamInfo:
+) -> tuple[StreamInfo, tuple[str, ...]]:
+    """The row after `events`, and the names of the columns whose values changed."""
     last = events[-1]
     changes: dict[str, object] = {"last_seq": last.seq, "updated_at": now, "last_write_at": now}
     if extra:
@@ -331,8 +333,13 @@ def _advance(
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
     # Set in place: the row was made just above and nobody holds it yet (a second
     # copy was a third of planning a commit).
-    object.__setattr__(advanced, "expires_at", expiry(advanced, now))
-    return advanced
+    expires_at = expiry(advanced, now)
+    object.__setattr__(advanced, "expires_at", expires_at)
+    # Only these can differ from `info`: a store writes them and nothing else.
+    columns = [name for name, value in changes.items() if value != getattr(info, name)]
+    if expires_at != info.expires_at:
+        columns.append("expires_at")
+    return advanced, tuple(columns)
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(StreamInfo))
@@ -395,7 +402,7 @@ def plan_create(
             seq = fork_seq + len(events) + 1
             events.append(Event(spec.id, seq, e.kind, e.payload, now, e.type, i == len(batch)))
     if events:
-        return _advance(info, events, now), events
+        return _advance(info, events, now)[0], events
     return replace(info, expires_at=expiry(info, now)), events
 
 

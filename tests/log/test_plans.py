@@ -1,0 +1,90 @@
+"""The planned row and the columns a store writes for it.
+
+Both SQL stores update only `StreamPlan.columns`. A column that changed but is
+missing there would be planned, kept by the committer and served from its
+kept rows, yet never stored: the next process to read the row would see the
+old value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.errors import Status, StreamError
+from app.log.api import AppendRequest, NewEvent, ProducerClaim, StreamInfo, StreamStatus
+from app.log.schema import APPENDED_COLUMNS
+from app.log.store import plan_appends
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def stream_row(
+    ttl: int | None, idle_timeout: int | None, idle_ttl: int | None, writer_seq: str | None
+) -> StreamInfo:
+    created = NOW - timedelta(seconds=30)
+    return StreamInfo(
+        id="s",
+        content_type="application/json",
+        status=StreamStatus.OPEN,
+        created_at=created,
+        updated_at=created,
+        finished_at=None,
+        ttl_seconds=ttl,
+        expires_at=created + timedelta(seconds=idle_ttl) if idle_ttl else None,
+        idle_timeout_seconds=idle_timeout,
+        abandon_at=created + timedelta(seconds=idle_timeout) if idle_timeout else None,
+        last_write_at=created,
+        last_seq=4,
+        idle_ttl_seconds=idle_ttl,
+        writer_seq=writer_seq,
+    )
+
+
+def last_event(kind: str) -> NewEvent:
+    if kind == "done":
+        return NewEvent.done({"answer": 42})
+    if kind == "error":
+        return NewEvent.error(StreamError(Status.INTERNAL, "it broke"))
+    if kind == "closed":
+        return NewEvent.closed()
+    return NewEvent.chunk({"delta": "x"})
+
+
+@given(
+    ttl=st.sampled_from([None, 0, 60]),
+    idle_timeout=st.sampled_from([None, 5]),
+    idle_ttl=st.sampled_from([None, 120]),
+    stored_writer_seq=st.sampled_from([None, "a"]),
+    chunks=st.integers(min_value=0, max_value=3),
+    last=st.sampled_from(["chunk", "done", "error", "closed"]),
+    writer_seq=st.sampled_from([None, "b"]),
+    producer=st.booleans(),
+)
+def test_a_plan_lists_exactly_the_columns_whose_values_changed(
+    ttl: int | None,
+    idle_timeout: int | None,
+    idle_ttl: int | None,
+    stored_writer_seq: str | None,
+    chunks: int,
+    last: str,
+    writer_seq: str | None,
+    producer: bool,
+) -> None:
+    before = stream_row(ttl, idle_timeout, idle_ttl, stored_writer_seq)
+    events = [NewEvent.chunk(i) for i in range(chunks)] + [last_event(last)]
+    claim = ProducerClaim("p", epoch=0, seq=0) if producer else None
+    request = AppendRequest("s", events, producer=claim, writer_seq=writer_seq)
+
+    plan, outcomes = plan_appends("s", before, [request], NOW)
+
+    assert plan is not None, outcomes
+    after = plan.info
+    names = [f.name for f in fields(StreamInfo)]
+    differing = {name for name in names if getattr(after, name) != getattr(before, name)}
+    assert set(plan.columns) == differing
+    assert len(plan.columns) == len(set(plan.columns))
+    assert differing <= set(APPENDED_COLUMNS)
