@@ -26,7 +26,15 @@ import asyncpg
 
 from app.log.db import asyncpg_dsn, normalize_url
 from bench.context import Context
-from bench.loadgen import WRK_MISSING, HttpLoad, run_wrk, start_noop_server, wrk_available
+from bench.loadgen import (
+    WRK_MISSING,
+    HttpLoad,
+    HttpServer,
+    LoadResult,
+    run_wrk,
+    start_noop_server,
+    wrk_available,
+)
 from bench.results import Result, percentile, skipped
 from bench.workload import SMALL_EVENT_BYTES, until
 
@@ -53,15 +61,7 @@ async def http_ceiling(ctx: Context) -> list[Result]:
         return [skipped(HTTP_SCENARIO, "no-op endpoint", HTTP_CEILING_KEY, WRK_MISSING)]
     server = await start_noop_server()
     try:
-        load = HttpLoad(
-            base_url=server.base_url,
-            paths=[f"/noop/s{i}" for i in range(100)],
-            headers={"Content-Type": "application/json"},
-            body=SMALL_EVENT_BYTES,
-            connections=HTTP_CONNECTIONS,
-            seconds=ctx.size(5.0, 1.0),
-        )
-        measured = await run_wrk(load, server.pid)
+        measured = await measure_noop(server, ctx.size(5.0, 1.0))
     finally:
         await server.stop()
     return [
@@ -77,6 +77,19 @@ async def http_ceiling(ctx: Context) -> list[Result]:
             extra=measured.extra(),
         )
     ]
+
+
+async def measure_noop(server: HttpServer, seconds: float) -> LoadResult:
+    """wrk against the no-op POST: the framework's and the load generator's ceiling."""
+    load = HttpLoad(
+        base_url=server.base_url,
+        paths=[f"/noop/s{i}" for i in range(100)],
+        headers={"Content-Type": "application/json"},
+        body=SMALL_EVENT_BYTES,
+        connections=HTTP_CONNECTIONS,
+        seconds=seconds,
+    )
+    return await run_wrk(load, server.pid)
 
 
 def _rows(stream_id: str, created_at: object) -> Iterator[tuple[object, ...]]:

@@ -2,9 +2,10 @@
 
 wrk keeps 16 connections busy appending small JSON events, to one stream and
 round-robin over 100 streams, against the real service (`streamkeep serve`,
-one uvicorn worker). Throughput is reported as a ratio to the no-op endpoint
-of the same run. Afterwards the streams are read back: every acknowledged
-append must be there (acknowledged only after commit).
+one uvicorn worker). Throughput is reported as a ratio to the no-op endpoint,
+measured right before and right after each case. Afterwards the streams are
+read back: every acknowledged append must be there (acknowledged only after
+commit).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from bench.loadgen import (
     HttpLoad,
     LoadResult,
     run_wrk,
+    start_noop_server,
     start_streamkeep,
     wrk_available,
 )
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
-from bench.scenarios.ceilings import HTTP_CEILING_KEY
+from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
 
 SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
@@ -64,6 +66,7 @@ def append_result(
     measured: LoadResult,
     committed: int | None,
     targets: list[Target],
+    ratio_to: str = HTTP_CEILING_KEY,
 ) -> Result:
     acknowledged = measured.requests - measured.non_2xx
     lost = committed is not None and committed < acknowledged
@@ -76,7 +79,7 @@ def append_result(
         unit="appends/s",
         p50_ms=measured.p50_ms,
         p99_ms=measured.p99_ms,
-        ratio_to=HTTP_CEILING_KEY,
+        ratio_to=ratio_to,
         targets=targets,
         status="failed" if lost or measured.socket_errors else "ok",
         note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
@@ -86,6 +89,11 @@ def append_result(
 
 
 async def run(ctx: Context) -> list[Result]:
+    """Each case between two runs of the no-op endpoint, its ratio to their mean.
+
+    The machine's speed drifts by 10-30 % within minutes; the no-op ceiling
+    of the run's first scenario, minutes earlier, moved every ratio with it.
+    """
     if not wrk_available():
         return [skipped(SCENARIO, "HTTP appends", "http-append/skipped", WRK_MISSING)]
     seconds = ctx.size(5.0, 1.0)
@@ -93,23 +101,45 @@ async def run(ctx: Context) -> list[Result]:
     targets = [Target("ratio", ">=", ratio, f">= {ratio:.2f} of no-op")]
     results = []
     server = await start_streamkeep(ctx.database_url)
+    noop = await start_noop_server()
     try:
+        before = await measure_noop(noop, seconds)
         for endpoint in APPEND_ENDPOINTS:
             for streams in STREAM_COUNTS:
                 case = f"{endpoint.name}, {PRODUCERS} producers, {streams} stream(s)"
-                key = f"http-append/{endpoint.name.lower().replace(' ', '-')}-{streams}"
+                name = f"{endpoint.name.lower().replace(' ', '-')}-{streams}"
                 measured = await measure_appends(
                     endpoint, server.base_url, server.pid, streams, seconds
                 )
                 if measured is None:
-                    results.append(
-                        pending(SCENARIO, case, key, "pending endpoint: not on this branch yet")
-                    )
+                    why = "pending endpoint: not on this branch yet"
+                    results.append(pending(SCENARIO, case, f"http-append/{name}", why))
                     continue
-                results.append(append_result(SCENARIO, case, key, *measured, targets))
+                after = await measure_noop(noop, seconds)
+                ceiling = _ceiling_around(case, f"http-ceiling/around-{name}", before, after)
+                results.append(ceiling)
+                results.append(
+                    append_result(
+                        SCENARIO, case, f"http-append/{name}", *measured, targets, ceiling.key
+                    )
+                )
+                before = after
     finally:
+        await noop.stop()
         await server.stop()
     return results
+
+
+def _ceiling_around(case: str, key: str, before: LoadResult, after: LoadResult) -> Result:
+    return Result(
+        HTTP_SCENARIO,
+        f"no-op POST around: {case}",
+        key,
+        value=(before.per_second + after.per_second) / 2,
+        unit="req/s",
+        note=f"mean of {before.per_second:,.0f} just before and {after.per_second:,.0f} "
+        f"just after; server CPU {before.server_cpu or 0:.0%} and {after.server_cpu or 0:.0%}",
+    )
 
 
 async def peers(ctx: Context) -> list[Result]:
