@@ -8,16 +8,17 @@ old value.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import FrozenInstanceError, fields, replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from app.errors import Status, StreamError
 from app.log.api import AppendRequest, NewEvent, ProducerClaim, StreamInfo, StreamStatus
 from app.log.schema import APPENDED_COLUMNS
-from app.log.store import plan_appends
+from app.log.store import plan_appends, with_changes
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -88,3 +89,15 @@ def test_a_plan_lists_exactly_the_columns_whose_values_changed(
     assert set(plan.columns) == differing
     assert len(plan.columns) == len(set(plan.columns))
     assert differing <= set(APPENDED_COLUMNS)
+
+
+def test_a_changed_row_is_an_ordinary_frozen_stream_info() -> None:
+    # with_changes builds the row in an unfrozen class with the same slots,
+    # then gives it StreamInfo's class: nothing of that may show.
+    before = stream_row(ttl=60, idle_timeout=5, idle_ttl=None, writer_seq=None)
+    after = with_changes(before, {"last_seq": 9, "closed_by": "p"})
+    assert type(after) is StreamInfo
+    assert after == replace(before, last_seq=9, closed_by="p")
+    with pytest.raises(FrozenInstanceError):
+        after.last_seq = 10  # type: ignore[misc]
+    assert before.last_seq == 4
