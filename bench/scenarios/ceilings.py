@@ -171,15 +171,25 @@ CREATE_STREAM = (
 RawRates = tuple[tuple[float, list[float]], float]
 
 
-def _sqlite_raw(url: str, seconds: float) -> RawRates:
+def _sqlite_connect(url: str) -> sqlite3.Connection:
+    """A connection with the service's durability (WAL, synchronous=NORMAL)."""
     path = normalize_url(url).database
     assert path is not None
     conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+        conn.execute(f"PRAGMA {pragma}")
+    return conn
+
+
+def _sqlite_now() -> str:
+    # The same text the service stores (SQLAlchemy's SQLite DateTime format).
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+
+
+def _sqlite_raw(url: str, seconds: float) -> RawRates:
+    conn = _sqlite_connect(url)
     try:
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
-            conn.execute(f"PRAGMA {pragma}")
-        # The same text the service stores (SQLAlchemy's SQLite DateTime format).
-        now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+        now = _sqlite_now()
         rates, commit_ms = [], []
         for per_commit in (1, BATCH_ROWS):
             stream_id = f"{RAW_STREAM}-{per_commit}"
@@ -229,13 +239,9 @@ async def _postgres_raw(url: str, seconds: float) -> RawRates:
 def _sqlite_same_work(url: str, seconds: float, streams: int, rows_each: int) -> float:
     """Rows per second: each commit inserts `rows_each` rows into every one of
     `streams` streams and moves their rows, in one transaction."""
-    path = normalize_url(url).database
-    assert path is not None
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = _sqlite_connect(url)
     try:
-        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
-            conn.execute(f"PRAGMA {pragma}")
-        now = datetime.now(UTC).replace(tzinfo=None).isoformat(" ")
+        now = _sqlite_now()
         ids = [f"{RAW_STREAM}-{streams}x{rows_each}-{i}" for i in range(streams)]
         for stream_id in ids:
             conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
