@@ -8,6 +8,7 @@ service answers it, that row is "pending endpoint".
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from typing import Any
 
@@ -71,14 +72,16 @@ async def run(ctx: Context) -> list[Result]:
         return [skipped(SCENARIO, "Genkit client vs Genkit Express", "flows/skipped", why_not)]
     count = ctx.size(10_000, 200)
     runs = ctx.size(5, 1)
-    peer = await start_genkit_express()
-    server = await start_streamkeep(ctx.database_url)
-    try:
+    async with contextlib.AsyncExitStack() as running:
+        peer = await start_genkit_express()
+        running.push_async_callback(peer.stop)
+        server = await start_streamkeep(ctx.database_url)
+        running.push_async_callback(server.stop)
         if not await _streamkeep_has_flow(server.base_url):
             why = "pending endpoint: POST /flows/{name} not on this branch"
             figures = await genkit_client_bench(f"{peer.url}/countdown", count, runs)
             return [
-                *_rates(PEER_SCENARIO, "Genkit Express, in-memory manager", "peer-genkit", figures),
+                *_peer_rates(figures),
                 pending(SCENARIO, "streamkeep, live and replay", "flows/pending", why),
             ]
         # One run of each in turn: the machine's speed drifts over a minute,
@@ -89,15 +92,14 @@ async def run(ctx: Context) -> list[Result]:
             own_runs.append(
                 await genkit_client_bench(server.base_url + STREAMKEEP_FLOW_PATH, count, 1)
             )
-    finally:
-        await server.stop()
-        await peer.stop()
     return [
-        *_rates(
-            PEER_SCENARIO, "Genkit Express, in-memory manager", "peer-genkit", _median(peer_runs)
-        ),
+        *_peer_rates(_median(peer_runs)),
         *_rates(SCENARIO, "streamkeep", "flows", _median(own_runs)),
     ]
+
+
+def _peer_rates(figures: dict[str, Any]) -> list[Result]:
+    return _rates(PEER_SCENARIO, "Genkit Express, in-memory manager", "peer-genkit", figures)
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ commit).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import httpx
@@ -100,9 +101,11 @@ async def run(ctx: Context) -> list[Result]:
     ratio = 0.8 if ctx.db == "sqlite" else 0.6
     targets = [Target("ratio", ">=", ratio, f">= {ratio:.2f} of no-op")]
     results = []
-    server = await start_streamkeep(ctx.database_url)
-    noop = await start_noop_server()
-    try:
+    async with contextlib.AsyncExitStack() as running:
+        server = await start_streamkeep(ctx.database_url)
+        running.push_async_callback(server.stop)
+        noop = await start_noop_server()
+        running.push_async_callback(noop.stop)
         before = await measure_noop(noop, seconds)
         for endpoint in APPEND_ENDPOINTS:
             for streams in STREAM_COUNTS:
@@ -124,9 +127,6 @@ async def run(ctx: Context) -> list[Result]:
                     )
                 )
                 before = after
-    finally:
-        await noop.stop()
-        await server.stop()
     return results
 
 
