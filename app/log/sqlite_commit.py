@@ -30,9 +30,8 @@ def update_stream(columns: tuple[str, ...]) -> str:
 
     An append changes a few of the row's columns (last_seq and the times, as
     a rule; StreamPlan.columns). Setting only those made a row's update about
-    4 µs instead of 9-15:
-    fewer values to bind and store, and SQLite leaves alone the indexes
-    (expires_at, abandon_at) whose columns are not set.
+    4 µs instead of 9-15: fewer values to bind and store, and SQLite leaves
+    alone the indexes (expires_at, abandon_at) whose columns are not set.
     """
     return f"UPDATE streams SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"
 
