@@ -8,22 +8,31 @@ appending costs no metrics call.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import secrets
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from app.log import StreamManager
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 access_log = logging.getLogger("streamkeep.access")
 
 
@@ -54,35 +63,60 @@ def setup_logging(level: str, log_format: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+# The request latency histogram's upper bounds, in seconds.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+# Their `le` labels as Prometheus writes them ("1.0"), then the +Inf bucket's.
+_BUCKET_LABELS = (*(str(float(bound)) for bound in REQUEST_BUCKETS), "+Inf")
+
+
 class Metrics:
     """The service's Prometheus registry: request latencies plus the log's counters."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.request_seconds = Histogram(
-            "streamkeep_request_duration_seconds",
-            "Time from request to the end of the response (streams: until they end).",
-            ["method", "route", "status"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-        )
-        # Children by labels: prometheus_client's labels() takes a lock and
-        # validates the labels on every call, a few µs of every request.
-        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self.request_latencies = RequestLatencies()
         self.manager: StreamManager | None = None
+        self.registry.register(self.request_latencies)
         self.registry.register(_LogCollector(self))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.request_seconds.labels(
-                method, route, str(status)
-            )
-        child.observe(seconds)
+        self.request_latencies.observe(method, route, status, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestLatencies(Collector):
+    """streamkeep_request_duration_seconds, by method, route and status.
+
+    Counted here rather than by prometheus_client's Histogram, which takes a lock
+    for the sum and another for the bucket on every observation: 3-5 µs of every
+    request, where 0.3 do. Requests are observed on the event loop's thread only.
+    """
+
+    NAME = "streamkeep_request_duration_seconds"
+    HELP = "Time from request to the end of the response (streams: until they end)."
+
+    def __init__(self) -> None:
+        # Per label set: the count of each bucket (the last is +Inf), then the sum.
+        self._series: dict[tuple[str, str, int], list[float]] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = [0.0] * (len(REQUEST_BUCKETS) + 2)
+        # bisect_left: an observation equal to a bound belongs to that bucket (le).
+        series[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        series[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.NAME, self.HELP, labels=["method", "route", "status"])
+        for (method, route, status), series in sorted(list(self._series.items())):
+            cumulative = itertools.accumulate(series[:-1])
+            buckets = list(zip(_BUCKET_LABELS, cumulative, strict=True))
+            family.add_metric([method, route, str(status)], buckets, sum_value=series[-1])
+        yield family
 
 
 class _LogCollector(Collector):
@@ -127,6 +161,26 @@ class _LogCollector(Collector):
         )
 
 
+# Request ids must be unique, not unguessable: a random prefix per process and a
+# counter, 32 hex digits as before, cost 0.2 µs where secrets.token_hex's
+# urandom call cost 4 µs of every request.
+_id_prefix = secrets.token_hex(8)
+_id_counter = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    """A forked child counts under a prefix of its own."""
+    global _id_prefix, _id_counter
+    _id_prefix, _id_counter = secrets.token_hex(8), itertools.count()
+
+
+os.register_at_fork(after_in_child=_new_id_prefix)
+
+
+def new_request_id() -> str:
+    return f"{_id_prefix}{next(_id_counter):016x}"
+
+
 def request_log_middleware(metrics: Metrics) -> Any:
     """ASGI middleware: a request id, one access-log line and a latency sample per request."""
 
@@ -137,7 +191,7 @@ def request_log_middleware(metrics: Metrics) -> Any:
                 return
             method = str(scope.get("method", "GET"))
             started = time.perf_counter()
-            request_id = _incoming_request_id(scope) or secrets.token_hex(16)
+            request_id = _incoming_request_id(scope) or new_request_id()
             status = 500
             sent = 0
 
@@ -146,7 +200,7 @@ def request_log_middleware(metrics: Metrics) -> Any:
                 if message["type"] == "http.response.start":
                     status = message["status"]
                     headers = list(message.get("headers", []))
-                    headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                    headers.append((_REQUEST_ID_NAME, request_id.encode()))
                     message = {**message, "headers": headers}
                 elif message["type"] == "http.response.body":
                     sent += len(message.get("body", b""))
@@ -188,7 +242,7 @@ def request_log_middleware(metrics: Metrics) -> Any:
 
 def _incoming_request_id(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
-        if name == REQUEST_ID_HEADER.encode():
+        if name == _REQUEST_ID_NAME:
             text = value.decode("latin-1")
             # Accept a proxy's id only if it is a sane token (it ends up in our logs).
             if 0 < len(text) <= 128 and text.replace("-", "").replace("_", "").isalnum():

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
+from app.observability import REQUEST_BUCKETS, Metrics, RequestLatencies, new_request_id
 from tests.conftest import ServerFactory
 from tests.support import ROOT, free_port
 
@@ -60,6 +62,56 @@ def test_every_response_carries_a_request_id(live_server: ServerFactory) -> None
     assert echoed.headers["x-request-id"] == "edge-42"
     ignored = httpx.get(f"{server.url}/healthz", headers={"X-Request-Id": "bad id\twith spaces"})
     assert ignored.headers["x-request-id"] != "bad id\twith spaces"
+
+
+def test_generated_request_ids_are_unique_and_32_hex_digits() -> None:
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_forked_process_generates_request_ids_of_its_own() -> None:
+    """Guards the counter's prefix: a child forked from a preloaded app (one
+    worker process per core) would otherwise repeat its parent's ids."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(write_end, new_request_id().encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    child_id = os.read(read_end, 64).decode()
+    os.close(read_end)
+    parent_id = new_request_id()
+    assert len(child_id) == 32
+    assert child_id[:16] != parent_id[:16]
+
+
+def test_request_latencies_read_as_prometheus_clients_histogram() -> None:
+    """Our lock-free histogram must expose what prometheus_client's Histogram would."""
+    ours = Metrics()
+    registry = CollectorRegistry()
+    theirs = Histogram(
+        "streamkeep_request_duration_seconds",
+        "Time from request to the end of the response (streams: until they end).",
+        ["method", "route", "status"],
+        registry=registry,
+        buckets=REQUEST_BUCKETS,
+    )
+    # On a bound, just above one, below the first, past the last.
+    samples = [("GET", "/healthz", 200, s) for s in (0.001, 0.005, 0.0051, 0.3, 1, 299, 301)]
+    samples.append(("POST", "/v1/stream/{path:path}", 409, 0.02))
+    for method, route, status, seconds in samples:
+        ours.observe_request(method, route, status, seconds)
+        theirs.labels(method, route, str(status)).observe(seconds)
+
+    def series(text: bytes) -> list[str]:
+        lines = text.decode().splitlines()
+        return sorted(line for line in lines if line.startswith(RequestLatencies.NAME + "_"))
+
+    expected = [line for line in series(generate_latest(registry)) if "_created" not in line]
+    assert series(ours.render()) == expected
+    assert len(expected) == 2 * (len(REQUEST_BUCKETS) + 3)  # buckets, +Inf, _count, _sum
 
 
 def test_path_prefix(live_server: ServerFactory) -> None:
