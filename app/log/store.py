@@ -499,7 +499,8 @@ class KeptRows(Generic[V]):
     A committer that can tell a row is unchanged plans against the kept one
     instead of reading it again: reading and decoding rows was most of a
     commit's own work when a batch touched many streams. At most `limit` rows;
-    the oldest go first.
+    the one least recently kept goes first, so streams still being appended to
+    stay however many others pass through.
     """
 
     def __init__(self, limit: int = 4096) -> None:
@@ -511,7 +512,8 @@ class KeptRows(Generic[V]):
 
     def keep(self, info: StreamInfo, version: V) -> None:
         rows = self._rows
-        if info.id not in rows and len(rows) >= self.limit:
+        # Popped and inserted again, it moves to the end: dicts keep insertion order.
+        if rows.pop(info.id, None) is None and len(rows) >= self.limit:
             del rows[next(iter(rows))]
         rows[info.id] = (info, version)
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from app.errors import Status, StreamError
 from app.log.api import AppendRequest, NewEvent, ProducerClaim, StreamInfo, StreamStatus
 from app.log.schema import APPENDED_COLUMNS
-from app.log.store import plan_appends, with_changes
+from app.log.store import KeptRows, plan_appends, with_changes
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 
@@ -101,3 +101,18 @@ def test_a_changed_row_is_an_ordinary_frozen_stream_info() -> None:
     with pytest.raises(FrozenInstanceError):
         after.last_seq = 10  # type: ignore[misc]
     assert before.last_seq == 4
+
+
+def test_kept_rows_evict_the_stream_kept_least_recently() -> None:
+    """Guards the eviction order: by first insertion, a stream appended to all
+    along was evicted as soon as it was the oldest, and its next commit had to
+    lock and read its row again."""
+    kept: KeptRows[None] = KeptRows(limit=3)
+    hot = stream_row(None, None, None, None)
+    kept.keep(hot, None)
+    for n in range(10):
+        kept.keep(replace(hot, id=f"passing-{n}"), None)
+        assert kept.get(hot.id) is not None, f"evicted by passing-{n}"
+        kept.keep(hot, None)  # the hot stream is written again after each
+    assert kept.get("passing-9") is not None
+    assert kept.get("passing-7") is None
