@@ -28,7 +28,7 @@ from bench.loadgen import (
 )
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
-from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
+from bench.scenarios.ceilings import HTTP_SCENARIO, measure_noop
 
 SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
@@ -67,7 +67,7 @@ def append_result(
     measured: LoadResult,
     committed: int | None,
     targets: list[Target],
-    ratio_to: str = HTTP_CEILING_KEY,
+    ratio_to: str,
 ) -> Result:
     acknowledged = measured.requests - measured.non_2xx
     lost = committed is not None and committed < acknowledged
@@ -119,7 +119,7 @@ async def run(ctx: Context) -> list[Result]:
                     results.append(pending(SCENARIO, case, f"http-append/{name}", why))
                     continue
                 after = await measure_noop(noop, seconds)
-                ceiling = _ceiling_around(case, f"http-ceiling/around-{name}", before, after)
+                ceiling = _ceiling_around(case, name, before, after)
                 results.append(ceiling)
                 results.append(
                     append_result(
@@ -130,11 +130,12 @@ async def run(ctx: Context) -> list[Result]:
     return results
 
 
-def _ceiling_around(case: str, key: str, before: LoadResult, after: LoadResult) -> Result:
+def _ceiling_around(case: str, name: str, before: LoadResult, after: LoadResult) -> Result:
+    """The no-op's throughput just before and just after a case: what its ratio is to."""
     return Result(
         HTTP_SCENARIO,
         f"no-op POST around: {case}",
-        key,
+        f"http-ceiling/around-{name}",
         value=(before.per_second + after.per_second) / 2,
         unit="req/s",
         note=f"mean of {before.per_second:,.0f} just before and {after.per_second:,.0f} "
@@ -143,7 +144,8 @@ def _ceiling_around(case: str, key: str, before: LoadResult, after: LoadResult) 
 
 
 async def peers(ctx: Context) -> list[Result]:
-    """The Durable Streams reference server through the same append load."""
+    """The Durable Streams reference server through the same append load, each
+    case between two runs of the no-op endpoint, as in `run`."""
     why_not = missing_node_harness(
         DURABLE_STREAMS_DIR, "start-reference-server.mjs", "npm install --no-audit --no-fund"
     )
@@ -153,19 +155,31 @@ async def peers(ctx: Context) -> list[Result]:
         return [skipped(PEER_SCENARIO, "HTTP appends", "peer-durable-streams/skipped", why_not)]
     seconds = ctx.size(5.0, 1.0)
     results = []
-    for file_backed in (False, True):
-        mode = "file (fdatasync)" if file_backed else "memory"
-        server = await start_durable_streams_reference(file_backed)
-        try:
-            for streams in STREAM_COUNTS:
-                measured = await measure_appends(
-                    APPEND_ENDPOINTS[0], server.url, server.pid, streams, seconds
-                )
-                if measured is None:
-                    raise RuntimeError("the reference server has no Durable Streams routes?")
-                case = f"{mode}, {PRODUCERS} producers, {streams} stream(s)"
-                key = f"peer-durable-streams/{'file' if file_backed else 'memory'}-{streams}"
-                results.append(append_result(PEER_SCENARIO, case, key, *measured, []))
-        finally:
-            await server.stop()
+    async with contextlib.AsyncExitStack() as running:
+        noop = await start_noop_server()
+        running.push_async_callback(noop.stop)
+        before = await measure_noop(noop, seconds)
+        for file_backed in (False, True):
+            mode = "file" if file_backed else "memory"
+            server = await start_durable_streams_reference(file_backed)
+            try:
+                for streams in STREAM_COUNTS:
+                    measured = await measure_appends(
+                        APPEND_ENDPOINTS[0], server.url, server.pid, streams, seconds
+                    )
+                    if measured is None:
+                        raise RuntimeError("the reference server has no Durable Streams routes?")
+                    described = "file (fdatasync)" if file_backed else "memory"
+                    case = f"{described}, {PRODUCERS} producers, {streams} stream(s)"
+                    name = f"peer-{mode}-{streams}"
+                    after = await measure_noop(noop, seconds)
+                    ceiling = _ceiling_around(case, name, before, after)
+                    key = f"peer-durable-streams/{mode}-{streams}"
+                    results.append(ceiling)
+                    results.append(
+                        append_result(PEER_SCENARIO, case, key, *measured, [], ceiling.key)
+                    )
+                    before = after
+            finally:
+                await server.stop()
     return results
