@@ -32,9 +32,10 @@ from litestar.response import ServerSentEventMessage
 from app.auth import authority_of, read_token_headers
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
-from app.log import Event, EventKind, NewEvent, StreamInfo, StreamStatus
+from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
+from app.protocols.durable_streams_codec import ProtocolError, parse_producer
 from app.protocols.openapi import Error, errors
 from app.protocols.sse import KEEPALIVE, sse_response
 
@@ -331,16 +332,17 @@ async def stream_info(request: Request, stream_id: FromPath[str]) -> dict[str, A
 async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """Append one event {"type"?, "data"} or a list of them, all or nothing."""
     events = new_events(await json_body(request, required=True))
-    committed = await manager_of(request).submit(AppendRequest(stream_id, events, origin=ORIGIN))
-    return {"first_seq": committed[0].seq, "last_seq": committed[-1].seq}
+    result = await append(request, stream_id, events)
+    if result.duplicate:
+        return {"duplicate": True, "stream_last_seq": result.last_seq}
+    return {"first_seq": result.events[0].seq, "last_seq": result.events[-1].seq}
 
 
 @post("/{stream_id:str}/done", responses=ERRORS, status_code=200)
 async def finish_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with a result: {"output"?}."""
     body = object_body(await json_body(request, required=False), {"output"})
-    event = await manager_of(request).writer(stream_id, ORIGIN).done(body.get("output"))
-    return {"seq": event.seq, "status": "done"}
+    return await end(request, stream_id, NewEvent.done(body.get("output")), "done")
 
 
 @post("/{stream_id:str}/error", responses=ERRORS, status_code=200)
@@ -355,16 +357,36 @@ async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, A
     except ValueError:
         raise invalid(f'"status" must be one of {", ".join(Status)}') from None
     failure = StreamError(status, message, body.get("details"))
-    event = await manager_of(request).writer(stream_id, ORIGIN).error(failure)
-    return {"seq": event.seq, "status": "error"}
+    return await end(request, stream_id, NewEvent.error(failure), "error")
 
 
 @post("/{stream_id:str}/close", responses=ERRORS, status_code=200)
 async def close_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream without a result; closing twice fails like any late write."""
-    closed = AppendRequest(stream_id, [NewEvent.closed()], origin=ORIGIN)
-    events = await manager_of(request).submit(closed)
-    return {"seq": events[0].seq, "status": "closed"}
+    return await end(request, stream_id, NewEvent.closed(), "closed")
+
+
+async def append(request: Request, stream_id: str, events: list[NewEvent]) -> AppendResult:  # type: ignore[type-arg]
+    """Appends as the idempotent producer the request names, if it names one.
+
+    Producer-Id, Producer-Epoch and Producer-Seq work as in the Durable Streams
+    protocol: a retry of an append the log already has (the same epoch, a seq
+    already accepted) writes nothing and says so; a newer epoch fences older
+    ones; a seq must follow the last one accepted.
+    """
+    try:
+        claim = parse_producer(request.headers)
+    except ProtocolError as exc:
+        raise invalid(exc.message) from None
+    appended = AppendRequest(stream_id, events, origin=ORIGIN, producer=claim)
+    return await manager_of(request).apply(appended)
+
+
+async def end(request: Request, stream_id: str, terminal: NewEvent, status: str) -> dict[str, Any]:  # type: ignore[type-arg]
+    result = await append(request, stream_id, [terminal])
+    if result.duplicate:
+        return {"duplicate": True, "stream_last_seq": result.last_seq, "status": str(result.status)}
+    return {"seq": result.events[0].seq, "status": status}
 
 
 @get("/{stream_id:str}/events", responses=ERRORS, media_type="text/event-stream")

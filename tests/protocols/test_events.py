@@ -289,6 +289,67 @@ def test_bad_or_impossible_cursor_is_400(
     assert response.json()["status"] in ("INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
+# -- idempotent producers --------------------------------------------------------------
+
+
+def producer(epoch: int, seq: int, producer_id: str = "worker-1") -> dict[str, str]:
+    return {"Producer-Id": producer_id, "Producer-Epoch": str(epoch), "Producer-Seq": str(seq)}
+
+
+def test_a_producers_retried_writes_are_stored_once(client: httpx.Client) -> None:
+    """A producer that lost the answer sends the same request again: the events
+    and the end must be in the stream once, and the retry must say so."""
+    create(client, "s")
+    batch = [{"type": "token", "data": 1}, {"type": "token", "data": 2}]
+    for _ in range(2):
+        response = client.post("/v1/streams/s/events", json=batch, headers=producer(0, 0))
+    assert response.status_code == 200
+    assert response.json() == {"duplicate": True, "stream_last_seq": 2}
+    response = client.post("/v1/streams/s/events", json={"data": 3}, headers=producer(0, 1))
+    assert response.json() == {"first_seq": 3, "last_seq": 3}
+    done = client.post("/v1/streams/s/done", json={"output": "ok"}, headers=producer(0, 2))
+    assert done.json() == {"seq": 4, "status": "done"}
+    again = client.post("/v1/streams/s/done", json={"output": "ok"}, headers=producer(0, 2))
+    assert again.status_code == 200
+    assert again.json() == {"duplicate": True, "stream_last_seq": 4, "status": "done"}
+
+    assert summary(read_until_end(client, "/v1/streams/s/events")) == [
+        (1, "token", 1),
+        (2, "token", 2),
+        (3, None, 3),
+        (4, "end", {"status": "done", "output": "ok"}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("accepted", "refused", "status", "code"),
+    [
+        pytest.param(producer(0, 0), producer(0, 2), 409, "ABORTED", id="seq-gap"),
+        pytest.param(producer(1, 0), producer(0, 1), 403, "PERMISSION_DENIED", id="stale-epoch"),
+        pytest.param(producer(0, 0), producer(1, 3), 400, "INVALID_ARGUMENT", id="epoch-not-at-0"),
+        pytest.param({}, {"Producer-Id": "worker-1"}, 400, "INVALID_ARGUMENT", id="incomplete"),
+        pytest.param({}, producer(0, 0) | {"Producer-Seq": "x"}, 400, "INVALID_ARGUMENT", id="nan"),
+        pytest.param({}, producer(0, 0, producer_id=""), 400, "INVALID_ARGUMENT", id="empty-id"),
+    ],
+)
+def test_a_refused_producer_write_changes_nothing(
+    client: httpx.Client, accepted: dict[str, str], refused: dict[str, str], status: int, code: str
+) -> None:
+    create(client, "s")
+    assert append_as(client, accepted).status_code == 200
+    for path, body in [("events", {"data": "late"}), ("done", {}), ("close", None)]:
+        response = client.post(f"/v1/streams/s/{path}", json=body, headers=refused)
+        assert response.status_code == status, response.text
+        assert response.json()["status"] == code
+        assert response.json()["message"]
+    info = client.get("/v1/streams/s").json()
+    assert (info["status"], info["last_seq"]) == ("open", 1)
+
+
+def append_as(client: httpx.Client, headers: dict[str, str]) -> httpx.Response:
+    return client.post("/v1/streams/s/events", json={"data": "first"}, headers=headers)
+
+
 # -- streams written by other protocols or processes --------------------------------------
 
 
