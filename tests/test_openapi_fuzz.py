@@ -78,3 +78,38 @@ def test_the_document_names_its_security_schemes(server: LiveServer) -> None:
     assert schemes["apiKey"] == {"type": "http", "scheme": "bearer"}
     assert schemes["readToken"]["in"] == "query"
     assert document["paths"]["/healthz"]["get"]["security"] == [{}]
+
+
+def test_the_document_declares_the_bodies_and_headers_the_writes_take() -> None:
+    """The handlers read their bodies themselves, so only the operation classes
+    (app/protocols/openapi.py) tell the document, and the fuzzing above, what
+    they take."""
+    paths = schema.raw_schema["paths"]
+    append = paths["/v1/streams/{stream_id}/events"]["post"]
+    body = append["requestBody"]["content"]["application/json"]["schema"]
+    single, batch = body["oneOf"]
+    assert single["required"] == ["data"] and single["additionalProperties"] is False
+    assert batch["items"] == single and batch["maxItems"] == 1000
+    assert append["requestBody"]["required"] is True
+    for route in ("events", "done", "error", "close"):
+        operation = paths[f"/v1/streams/{{stream_id}}/{route}"]["post"]
+        names = {p["name"] for p in operation["parameters"]}
+        assert {"Producer-Id", "Producer-Epoch", "Producer-Seq"} <= names, route
+    assert (
+        "ttl_seconds"
+        in paths["/v1/streams/{stream_id}"]["put"]["requestBody"]["content"]["application/json"][
+            "schema"
+        ]["properties"]
+    )
+
+
+def test_streaming_operations_declare_an_event_stream_answer() -> None:
+    """Guards JsonOrEventStream: as a plain subclass of Operation (no dataclass of
+    its own) its __post_init__ never ran, and no 200 listed text/event-stream."""
+    paths = schema.raw_schema["paths"]
+    for path in ("/flows/{name}", "/v1/responses", "/v1/chat/completions"):
+        content = paths[path]["post"]["responses"]["200"]["content"]
+        assert set(content) == {"application/json", "text/event-stream"}, path
+    flow = paths["/flows/{name}"]["post"]
+    assert "data" in flow["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "X-Genkit-Stream-Id" in {p["name"] for p in flow["parameters"]}

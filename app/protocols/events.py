@@ -26,6 +26,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from litestar import Request, Response, Router, get, post, put
+from litestar.openapi.spec import OpenAPIType, Schema
 from litestar.params import FromPath, FromQuery, HeaderParameter
 from litestar.response import ServerSentEventMessage
 
@@ -36,7 +37,7 @@ from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, Stream
 from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
 from app.protocols.durable_streams_codec import ProtocolError, parse_producer
-from app.protocols.openapi import Error, errors
+from app.protocols.openapi import PRODUCER_HEADERS, Error, errors, with_request
 from app.protocols.sse import KEEPALIVE, sse_response
 
 log = logging.getLogger("streamkeep.events")
@@ -273,6 +274,55 @@ def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
 # What every failure of this API looks like (see stream_error_response).
 ERRORS = errors(Error, 400, 404, 409, 413, 429)
 
+# -- what the OpenAPI document says the writes take ---------------------------------------
+
+ANY_JSON = Schema(description="any JSON value")
+EVENT = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "type": Schema(
+            type=OpenAPIType.STRING,
+            min_length=1,
+            max_length=MAX_TYPE_LENGTH,
+            pattern="^[^\\r\\n\\x00]+$",
+            description=f"the event's SSE name; {', '.join(sorted(RESERVED_TYPES))} is reserved",
+        ),
+        "data": ANY_JSON,
+    },
+    required=["data"],
+    additional_properties=False,
+)
+APPEND_BODY = Schema(
+    one_of=[
+        EVENT,
+        Schema(type=OpenAPIType.ARRAY, items=EVENT, min_items=1, max_items=MAX_BATCH),
+    ]
+)
+CREATE_BODY = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "ttl_seconds": Schema(type=OpenAPIType.INTEGER, minimum=0),
+        "idle_timeout_seconds": Schema(
+            one_of=[Schema(type=OpenAPIType.INTEGER, minimum=1), Schema(type=OpenAPIType.NULL)]
+        ),
+    },
+    additional_properties=False,
+)
+DONE_BODY = Schema(
+    type=OpenAPIType.OBJECT, properties={"output": ANY_JSON}, additional_properties=False
+)
+ERROR_BODY = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={
+        "message": Schema(type=OpenAPIType.STRING, min_length=1),
+        "status": Schema(type=OpenAPIType.STRING, enum=list(Status)),
+        "details": ANY_JSON,
+    },
+    required=["message"],
+    additional_properties=False,
+)
+
+
 LastEventId = Annotated[str | None, HeaderParameter(name="Last-Event-ID", required=False)]
 
 
@@ -292,7 +342,12 @@ async def list_streams(
     return {"streams": [describe(info) for info in listed]}
 
 
-@put("/{stream_id:str}", responses=ERRORS, status_code=201)
+@put(
+    "/{stream_id:str}",
+    responses=ERRORS,
+    status_code=201,
+    operation_class=with_request(CREATE_BODY),
+)
 async def create_stream(request: Request, stream_id: FromPath[str]) -> Response[dict[str, Any]]:  # type: ignore[type-arg]
     """Create a stream of typed JSON events: {"ttl_seconds"?, "idle_timeout_seconds"?}."""
     body = object_body(
@@ -328,7 +383,12 @@ async def stream_info(request: Request, stream_id: FromPath[str]) -> dict[str, A
     return describe(await manager_of(request).info(stream_id))
 
 
-@post("/{stream_id:str}/events", responses=ERRORS, status_code=200)
+@post(
+    "/{stream_id:str}/events",
+    responses=ERRORS,
+    status_code=200,
+    operation_class=with_request(APPEND_BODY, required=True, headers=PRODUCER_HEADERS),
+)
 async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """Append one event {"type"?, "data"} or a list of them, all or nothing."""
     events = new_events(await json_body(request, required=True))
@@ -338,14 +398,24 @@ async def append_events(request: Request, stream_id: FromPath[str]) -> dict[str,
     return {"first_seq": result.events[0].seq, "last_seq": result.events[-1].seq}
 
 
-@post("/{stream_id:str}/done", responses=ERRORS, status_code=200)
+@post(
+    "/{stream_id:str}/done",
+    responses=ERRORS,
+    status_code=200,
+    operation_class=with_request(DONE_BODY, headers=PRODUCER_HEADERS),
+)
 async def finish_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with a result: {"output"?}."""
     body = object_body(await json_body(request, required=False), {"output"})
     return await end(request, stream_id, NewEvent.done(body.get("output")), "done")
 
 
-@post("/{stream_id:str}/error", responses=ERRORS, status_code=200)
+@post(
+    "/{stream_id:str}/error",
+    responses=ERRORS,
+    status_code=200,
+    operation_class=with_request(ERROR_BODY, required=True, headers=PRODUCER_HEADERS),
+)
 async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream with an error: {"message", "status"? (a status name), "details"?}."""
     body = object_body(await json_body(request, required=True), {"message", "status", "details"})
@@ -360,7 +430,12 @@ async def fail_stream(request: Request, stream_id: FromPath[str]) -> dict[str, A
     return await end(request, stream_id, NewEvent.error(failure), "error")
 
 
-@post("/{stream_id:str}/close", responses=ERRORS, status_code=200)
+@post(
+    "/{stream_id:str}/close",
+    responses=ERRORS,
+    status_code=200,
+    operation_class=with_request(headers=PRODUCER_HEADERS),
+)
 async def close_stream(request: Request, stream_id: FromPath[str]) -> dict[str, Any]:  # type: ignore[type-arg]
     """End the stream without a result; closing twice fails like any late write."""
     return await end(request, stream_id, NewEvent.closed(), "closed")

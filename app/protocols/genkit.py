@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, Router, post
+from litestar.enums import ParamType
+from litestar.openapi.spec import OpenAPIType, Parameter, Schema
 from litestar.params import FromPath
 from litestar.response import Stream
 
@@ -31,7 +33,7 @@ from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
 from app.log import Event, EventKind, StreamManager
 from app.protocols import closing_body, manager_of
-from app.protocols.openapi import ErrorEnvelope, JsonOrEventStream, errors
+from app.protocols.openapi import ErrorEnvelope, JsonOrEventStream, errors, with_request
 
 log = logging.getLogger("streamkeep.genkit")
 
@@ -172,6 +174,20 @@ async def _run_to_end(
     raise StreamError(Status.INTERNAL, "the run ended without a terminal event")
 
 
+# What the OpenAPI document says a flow call takes.
+FLOW_BODY = Schema(
+    type=OpenAPIType.OBJECT,
+    properties={"data": Schema(description="the flow's input, any JSON value")},
+    description="optional; other keys are ignored",
+)
+RECONNECT_HEADER = Parameter(
+    name=STREAM_ID_HEADER,
+    param_in=ParamType.HEADER,
+    schema=Schema(type=OpenAPIType.STRING),
+    description="With a streaming Accept: follow this earlier run instead of starting one.",
+)
+
+
 def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
     """Routes for the flows of `registry`; `runner_of(request)` gives the FlowRunner."""
 
@@ -179,7 +195,7 @@ def flow_router(registry: FlowRegistry, runner_of: Any) -> Router:
         "/{name:str}",
         status_code=200,
         responses=errors(ErrorEnvelope, 400, 404, 409),
-        operation_class=JsonOrEventStream,
+        operation_class=with_request(FLOW_BODY, headers=[RECONNECT_HEADER], base=JsonOrEventStream),
     )
     async def run_flow(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[Any]:
         try:

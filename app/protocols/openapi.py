@@ -7,9 +7,11 @@ media type per answer) would describe neither, so they are declared here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from litestar.enums import ParamType
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import (
     Components,
@@ -17,6 +19,9 @@ from litestar.openapi.spec import (
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Parameter,
+    Reference,
+    RequestBody,
     Schema,
     SecurityScheme,
 )
@@ -62,6 +67,9 @@ def errors(container: type, *codes: int) -> dict[int, ResponseSpec]:
     }
 
 
+# Operation subclasses are dataclasses of their own: only then does their
+# __init__ call __post_init__ (Operation's own has none to call).
+@dataclass
 class JsonOrEventStream(Operation):
     """An operation whose 200 is JSON or, when the request asks for it, an event stream."""
 
@@ -72,6 +80,57 @@ class JsonOrEventStream(Operation):
                 **(ok.content or {}),
                 "text/event-stream": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING)),
             }
+
+
+def with_request(
+    body: Schema | None = None,
+    *,
+    required: bool = False,
+    headers: Sequence[Parameter] = (),
+    base: type[Operation] = Operation,
+) -> type[Operation]:
+    """An operation class that declares the JSON body and the headers a handler takes.
+
+    The handlers read and check their bodies themselves, to answer bad input in
+    their protocol's error shape, so Litestar cannot see what they accept.
+    """
+
+    @dataclass
+    class WithRequest(base):  # type: ignore[misc, valid-type]
+        def __post_init__(self) -> None:
+            inherited = getattr(super(), "__post_init__", None)
+            if inherited is not None:  # JsonOrEventStream's
+                inherited()
+            if body is not None:
+                media = {"application/json": OpenAPIMediaType(schema=body)}
+                self.request_body = RequestBody(content=media, required=required)
+            declared: list[Parameter | Reference] = list(getattr(self, "parameters", None) or [])
+            self.parameters = [*declared, *headers]
+
+    return WithRequest
+
+
+# Producer-Id, -Epoch and -Seq: an idempotent producer's claim, all three or none.
+PRODUCER_HEADERS = (
+    Parameter(
+        name="Producer-Id",
+        param_in=ParamType.HEADER,
+        schema=Schema(type=OpenAPIType.STRING, min_length=1),
+        description="An idempotent producer's name (with Producer-Epoch and Producer-Seq).",
+    ),
+    *(
+        Parameter(
+            name=name,
+            param_in=ParamType.HEADER,
+            schema=Schema(type=OpenAPIType.STRING, pattern="^[0-9]{1,15}$"),
+            description=description,
+        )
+        for name, description in (
+            ("Producer-Epoch", "The producer's epoch: a restarted producer takes a higher one."),
+            ("Producer-Seq", "The write's seq in its epoch, from 0: a retry repeats it."),
+        )
+    ),
+)
 
 
 # Security: API keys as bearer tokens; read tokens as bearer tokens or ?token=.
