@@ -96,7 +96,7 @@ def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> 
     else:
         # No pre-ping: on asyncpg it is three round trips (BEGIN, ";", ROLLBACK) per
         # checkout. A connection lost while in use is discarded when it fails
-        # (SQLAlchemy's statements; sql._driver and DriverPool for ours): an append
+        # (SQLAlchemy's statements; DriverPool for ours): an append
         # gets one 503, a read runs again on a new connection.
         # No overflow connections: they were closed as soon as returned, and a
         # new asyncpg connection costs its setup and type introspection queries

@@ -141,26 +141,6 @@ async def _translated() -> AsyncIterator[None]:
         raise storage_error(exc) from exc
 
 
-@asynccontextmanager
-async def _driver(engine: AsyncEngine) -> AsyncIterator[Any]:
-    """A pooled connection's driver connection (aiosqlite or asyncpg), for the
-    statements the store sends itself.
-
-    SQLAlchemy learns that a connection was lost only from statements it runs
-    itself. When one of ours fails that way, the connection is discarded here,
-    so that the pool does not hand it out again: the pool does not ping on
-    checkout, which cost three round trips per use on asyncpg.
-    """
-    async with _translated(), engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        try:
-            yield raw.driver_connection
-        except LOST_CONNECTION as exc:
-            with contextlib.suppress(Exception):
-                await conn.invalidate(exc)
-            raise
-
-
 # What a connection that is gone raises (a busy SQLite file or a bad statement
 # leaves the connection usable). 57P: the server shut down or restarts. asyncpg's
 # InternalClientError: a termination that arrived while the connection sat idle
@@ -271,6 +251,12 @@ class SqlStore:
         # connections for SQLAlchemy's own statements (and, on Postgres, commits).
         self._read_pool = DriverPool(
             self.reader, pool_size * READ_POOL_SLOTS[self.dialect], LOST_CONNECTION
+        )
+        # The committer's connection on Postgres, kept like the read pool's: one
+        # commit runs at a time in a process, and checking a connection out of
+        # SQLAlchemy's pool for each cost a third of a commit's main-thread CPU.
+        self._commit_pool = (
+            DriverPool(self.writer, 1, LOST_CONNECTION) if self.dialect == "postgresql" else None
         )
         self.closed = False
         self._reads: set[asyncio.Future[Any]] = set()  # see _finish_when_cancelled
@@ -392,8 +378,8 @@ class SqlStore:
                 return await self._inline.commit(
                     lambda db: sqlite_commit(db, requests, now), rows_bytes
                 )
-        assert self._postgres_commit is not None
-        async with _driver(self.writer) as driver:
+        assert self._postgres_commit is not None and self._commit_pool is not None
+        async with _translated(), self._commit_pool.connection() as driver:
             return await self._postgres_commit(driver, requests, now)
 
     async def _lock_streams(self, conn: AsyncConnection, ids: list[str]) -> dict[str, StreamInfo]:
@@ -652,6 +638,8 @@ class SqlStore:
         if self._reads:
             await asyncio.wait(self._reads)
         await self._read_pool.close()
+        if self._commit_pool is not None:
+            await self._commit_pool.close()
         if self._inline is not None:
             await self._inline.close()
         await self.writer.dispose()
