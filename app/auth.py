@@ -18,11 +18,13 @@ refused to anyone but an admin (and tests/test_auth.py fails for it).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
 from app.errors import Status, StreamError
+
+log = logging.getLogger("streamkeep.auth")
 
 READ_TOKEN_HEADER = "X-Streamkeep-Read-Token"
 TOKEN_QUERY = "token"
@@ -224,6 +228,70 @@ def parse_keys(text: str, source: str) -> list[tuple[str, frozenset[Access]]]:
     return keys
 
 
+def configured_keys(settings: Settings) -> list[tuple[str, frozenset[Access]]]:
+    """The keys of STREAMKEEP_API_KEYS and of the file STREAMKEEP_API_KEYS_FILE names."""
+    keys = parse_keys(settings.api_keys, "STREAMKEEP_API_KEYS")
+    if settings.api_keys_file:
+        try:
+            text = Path(settings.api_keys_file).read_text()
+        except OSError as exc:
+            raise ValueError(f"STREAMKEEP_API_KEYS_FILE: cannot read it: {exc}") from None
+        keys += parse_keys(text, f"STREAMKEEP_API_KEYS_FILE={settings.api_keys_file}")
+    return keys
+
+
+class KeysFileWatch:
+    """Reloads the keys when STREAMKEEP_API_KEYS_FILE changes: keys rotate without
+    a restart (a mounted Kubernetes or Docker secret is replaced in place).
+
+    A file that cannot be read or parsed keeps the keys in force, with an error
+    in the log: half a rotation must not lock everyone out. So does a file that
+    would leave no key at all: a service that checks keys must not start
+    serving anyone without one.
+    """
+
+    def __init__(self, settings: Settings, authority: Authority) -> None:
+        self._settings = settings
+        self._authority = authority
+        self._path = Path(settings.api_keys_file)
+        self._seen = self._signature()
+
+    def _signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self._path.stat()  # follows the symlink a Kubernetes secret swaps
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+    def check(self) -> bool:
+        """Reload if the file changed since the last check; whether keys were replaced."""
+        signature = self._signature()
+        if signature == self._seen:
+            return False
+        self._seen = signature
+        try:
+            keys = configured_keys(self._settings)
+        except ValueError as exc:
+            log.error("API keys not reloaded, the keys in force stay: %s", exc)
+            return False
+        if not keys and self._authority.enforced:
+            log.error(
+                "API keys not reloaded, the keys in force stay: %s holds no key, and "
+                "the service would serve anyone",
+                self._path,
+            )
+            return False
+        self._authority.replace_keys(keys)
+        log.info("API keys reloaded from %s: %d key(s) in force", self._path, len(keys))
+        return True
+
+
+async def watch_keys_file(watch: KeysFileWatch, every_seconds: float) -> None:
+    while True:
+        await asyncio.sleep(every_seconds)
+        watch.check()
+
+
 def implied(scopes: frozenset[Access]) -> frozenset[Access]:
     if Access.ADMIN in scopes:
         return frozenset({Access.READ, Access.WRITE, Access.ADMIN})
@@ -251,13 +319,7 @@ class Authority:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authority:
-        keys = parse_keys(settings.api_keys, "STREAMKEEP_API_KEYS")
-        if settings.api_keys_file:
-            try:
-                text = Path(settings.api_keys_file).read_text()
-            except OSError as exc:
-                raise ValueError(f"STREAMKEEP_API_KEYS_FILE: cannot read it: {exc}") from None
-            keys += parse_keys(text, f"STREAMKEEP_API_KEYS_FILE={settings.api_keys_file}")
+        keys = configured_keys(settings)
         if settings.token_secret and len(settings.token_secret) < MIN_SECRET_LENGTH:
             raise ValueError(
                 f"STREAMKEEP_TOKEN_SECRET must be at least {MIN_SECRET_LENGTH} characters "
@@ -266,6 +328,10 @@ class Authority:
         if settings.read_token_seconds < 1:
             raise ValueError("STREAMKEEP_READ_TOKEN_SECONDS must be at least 1")
         return cls(keys, settings.token_secret, settings.read_token_seconds)
+
+    def replace_keys(self, keys: list[tuple[str, frozenset[Access]]]) -> None:
+        """Rotated keys (KeysFileWatch): from the next request on, only these are valid."""
+        self._keys = [(_digest(key), implied(scopes)) for key, scopes in keys]
 
     @property
     def enforced(self) -> bool:

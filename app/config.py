@@ -73,6 +73,8 @@ class Settings:
     # allow_unauthenticated says that something in front of it authenticates.
     api_keys: str = field(default="", repr=False)
     api_keys_file: str = ""
+    # How often that file is checked for changes (keys rotate without a restart); 0: never.
+    api_keys_reload_seconds: float = 5.0
     # Signs per-stream read tokens (HMAC-SHA256); empty: no tokens are issued.
     token_secret: str = field(default="", repr=False)
     read_token_seconds: int = 3600

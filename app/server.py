@@ -15,7 +15,7 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import Authority, auth_middleware
+from app.auth import Authority, KeysFileWatch, auth_middleware, watch_keys_file
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import load_flow_modules
@@ -219,9 +219,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.manager, app.state.runner = manager, runner
         metrics.manager = manager
         sweeper = asyncio.create_task(sweep_forever(manager, settings.sweep_interval_seconds))
+        keys_watch = None
+        if settings.api_keys_file and settings.api_keys_reload_seconds > 0:
+            watch = KeysFileWatch(settings, authority)
+            keys_watch = asyncio.create_task(
+                watch_keys_file(watch, settings.api_keys_reload_seconds)
+            )
         try:
             yield
         finally:
+            if keys_watch is not None:
+                await cancel_and_wait(keys_watch)
             await cancel_and_wait(sweeper)
             # Runs end with an error before the log closes: none stays open.
             await runner.shutdown(settings.shutdown_timeout_seconds)

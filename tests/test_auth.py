@@ -8,9 +8,11 @@ expired token, and with the right credential.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +23,7 @@ from app.auth import (
     READ_TOKEN_HEADER,
     Access,
     Authority,
+    KeysFileWatch,
     parse_keys,
     rule_for,
     strip_prefix,
@@ -427,3 +430,48 @@ def test_keys_from_a_file(tmp_path: Any) -> None:
         Authority.from_settings(Settings(api_keys_file=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="at least 32"):
         Authority.from_settings(Settings(token_secret="short"))
+
+
+def rewrite(path: Path, text: str) -> None:
+    """New contents with a new mtime (a rewrite within the same clock tick has none)."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 1_000_000_000, before + 1_000_000_000))
+
+
+def test_a_changed_keys_file_replaces_the_keys_and_a_bad_one_keeps_them(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    rewrite(path, f"{READER}:read\n")
+    settings = Settings(api_keys_file=str(path))
+    authority = Authority.from_settings(settings)
+    watch = KeysFileWatch(settings, authority)
+    assert not watch.check()  # unchanged
+
+    rewrite(path, f"{WRITER}:write\n")
+    assert watch.check()
+    assert authority.scopes_of(WRITER) == frozenset({Access.WRITE})
+    assert authority.scopes_of(READER) is None  # rotated out
+
+    for bad in ["not a key entry\n", "", "# every key removed\n"]:
+        rewrite(path, bad)
+        assert not watch.check(), bad
+        assert authority.scopes_of(WRITER) == frozenset({Access.WRITE}), bad
+    path.unlink()
+    assert not watch.check()
+    assert authority.enforced and authority.scopes_of(WRITER) is not None
+
+
+def test_the_served_app_takes_rotated_keys_without_a_restart(
+    live_server: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "keys"
+    rewrite(path, f"{READER}:read\n")
+    server = live_server(api_keys_file=str(path), api_keys_reload_seconds=0.05)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/v1/streams", headers=bearer(READER)).status_code == 403  # read only
+        rewrite(path, f"{ADMIN}:admin\n")
+        deadline = time.monotonic() + 10
+        while http.get("/v1/streams", headers=bearer(ADMIN)).status_code != 200:
+            assert time.monotonic() < deadline, "the new key was not taken"
+            time.sleep(0.05)
+        assert_refused(http.get("/v1/streams", headers=bearer(READER)), 401)
