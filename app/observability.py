@@ -90,8 +90,9 @@ class RequestLatencies(Collector):
     """streamkeep_request_duration_seconds, by method, route and status.
 
     Counted here rather than by prometheus_client's Histogram, which takes a lock
-    for the sum and another for the bucket on every observation: 3-5 µs of every
-    request, where 0.3 do. Requests are observed on the event loop's thread only.
+    for the sum and another for the bucket on every observation: 0.7 µs of every
+    request against 0.3 here (timeit). Requests are observed on the event loop's
+    thread only.
     """
 
     NAME = "streamkeep_request_duration_seconds"
@@ -162,8 +163,8 @@ class _LogCollector(Collector):
 
 
 # Request ids must be unique, not unguessable: a random prefix per process and a
-# counter, 32 hex digits as before, cost 0.2 µs where secrets.token_hex's
-# urandom call cost 4 µs of every request.
+# counter, 32 hex digits as before, take 0.24 µs where secrets.token_hex (an
+# urandom call) took 0.62 (timeit).
 _id_prefix = secrets.token_hex(8)
 _id_counter = itertools.count()
 
