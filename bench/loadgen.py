@@ -48,10 +48,19 @@ class LoadResult:
     p99_ms: float
     loadgen_cpu: float  # wrk's CPU time over wall time (1.0 = one core busy)
     server_cpu: float | None
+    server_cpu_seconds: float | None = None  # the server's CPU time during the run
 
     @property
     def per_second(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def server_cpu_per_request_us(self) -> float | None:
+        """The server's CPU time per request answered: what a request costs it,
+        whatever the machine's speed let the run reach."""
+        if self.server_cpu_seconds is None or not self.requests:
+            return None
+        return self.server_cpu_seconds / self.requests * 1e6
 
     def extra(self) -> dict[str, Any]:
         return {
@@ -60,7 +69,22 @@ class LoadResult:
             "socket_errors": self.socket_errors,
             "loadgen_cpu": round(self.loadgen_cpu, 2),
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 2),
+            "server_cpu_per_request_us": _rounded(self.server_cpu_per_request_us),
         }
+
+
+def cpu_per_request(*runs: LoadResult) -> str:
+    """The server's CPU time per request of each run, for a note: what a case
+    costs beyond the no-op, less moved by the machine's drifting speed than a
+    throughput is."""
+    figures = [run.server_cpu_per_request_us for run in runs]
+    if any(us is None for us in figures):
+        return ""
+    return "; " + " and ".join(f"{us:.0f}" for us in figures) + " µs server CPU per request"
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def wrk_available() -> bool:
@@ -121,6 +145,7 @@ async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
     wrk_cpu = (children_after.ru_utime + children_after.ru_stime) - (
         children_before.ru_utime + children_before.ru_stime
     )
+    server_seconds = cpu_seconds(server_pid) - server_before if server_pid else None
     return LoadResult(
         requests=summary["requests"],
         seconds=summary["duration_us"] / 1e6,
@@ -129,7 +154,8 @@ async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
         p50_ms=summary["p50_us"] / 1000,
         p99_ms=summary["p99_us"] / 1000,
         loadgen_cpu=wrk_cpu / wall,
-        server_cpu=(cpu_seconds(server_pid) - server_before) / wall if server_pid else None,
+        server_cpu=None if server_seconds is None else server_seconds / wall,
+        server_cpu_seconds=server_seconds,
     )
 
 

@@ -91,3 +91,11 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
         "memory/idle-sse",
     ):
         assert key in measured, key
+    # Every wrk run reports what a request cost the server (wrk is installed by .ci/run).
+    for result in results:
+        if result["status"] == "ok" and result["key"].startswith(("http-append/", "http-ceiling/")):
+            runs = [result["extra"]]
+            if result["key"].startswith("http-ceiling/around-"):
+                runs = [result["extra"]["before"], result["extra"]["after"]]
+            assert all(run["server_cpu_per_request_us"] > 0 for run in runs), result
+            assert "µs server CPU per request" in result["note"], result

@@ -31,6 +31,7 @@ from bench.loadgen import (
     HttpLoad,
     HttpServer,
     LoadResult,
+    cpu_per_request,
     run_wrk,
     start_noop_server,
     wrk_available,
@@ -73,7 +74,8 @@ async def http_ceiling(ctx: Context) -> list[Result]:
             unit="req/s",
             p50_ms=measured.p50_ms,
             p99_ms=measured.p99_ms,
-            note=f"server CPU {measured.server_cpu:.0%}, wrk CPU {measured.loadgen_cpu:.0%}",
+            note=f"server CPU {measured.server_cpu:.0%}, wrk CPU {measured.loadgen_cpu:.0%}"
+            f"{cpu_per_request(measured)}",
             extra=measured.extra(),
         )
     ]

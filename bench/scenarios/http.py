@@ -21,6 +21,7 @@ from bench.loadgen import (
     WRK_MISSING,
     HttpLoad,
     LoadResult,
+    cpu_per_request,
     run_wrk,
     start_noop_server,
     start_streamkeep,
@@ -84,7 +85,7 @@ def append_result(
         targets=targets,
         status="failed" if lost or measured.socket_errors else "ok",
         note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
-        f"server CPU {measured.server_cpu or 0:.0%}",
+        f"server CPU {measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
         extra={**measured.extra(), "committed": committed},
     )
 
@@ -139,7 +140,9 @@ def _ceiling_around(case: str, name: str, before: LoadResult, after: LoadResult)
         value=(before.per_second + after.per_second) / 2,
         unit="req/s",
         note=f"mean of {before.per_second:,.0f} just before and {after.per_second:,.0f} "
-        f"just after; server CPU {before.server_cpu or 0:.0%} and {after.server_cpu or 0:.0%}",
+        f"just after; server CPU {before.server_cpu or 0:.0%} and {after.server_cpu or 0:.0%}"
+        f"{cpu_per_request(before, after)}",
+        extra={"before": before.extra(), "after": after.extra()},
     )
 
 
