@@ -164,6 +164,7 @@ async def peers(ctx: Context) -> list[Result]:
         before = await measure_noop(noop, seconds)
         for file_backed in (False, True):
             mode = "file" if file_backed else "memory"
+            described = "file (fdatasync)" if file_backed else "memory"
             server = await start_durable_streams_reference(file_backed)
             try:
                 for streams in STREAM_COUNTS:
@@ -172,7 +173,6 @@ async def peers(ctx: Context) -> list[Result]:
                     )
                     if measured is None:
                         raise RuntimeError("the reference server has no Durable Streams routes?")
-                    described = "file (fdatasync)" if file_backed else "memory"
                     case = f"{described}, {PRODUCERS} producers, {streams} stream(s)"
                     name = f"peer-{mode}-{streams}"
                     after = await measure_noop(noop, seconds)
