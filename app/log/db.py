@@ -101,8 +101,11 @@ def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> 
         # No overflow connections: they were closed as soon as returned, and a
         # new asyncpg connection costs its setup and type introspection queries
         # (a burst of 16 requests spent more time there than in its commits).
-        # Up to three times pool_size are opened as needed and then kept.
-        kwargs.update(pool_size=pool_size * 3, max_overflow=0)
+        # Up to three times pool_size are opened as needed and then kept, and one
+        # more for the committer, which keeps its own (sql.SqlStore._commit_pool):
+        # the read pool keeps up to two thirds, and SQLAlchemy's own statements
+        # (creates, deletes, sweeps) need the rest even with pool_size 1.
+        kwargs.update(pool_size=pool_size * 3 + 1, max_overflow=0)
     return create_async_engine(url, **kwargs)
 
 

@@ -97,3 +97,16 @@ async def test_postgres_commits_keep_their_connection(pg_url: str) -> None:
             await writer.write(n)
         assert checkouts == []
         assert [e.json() for e in await manager.read("s")][-1] == 49
+
+
+@pytest.mark.postgres
+async def test_with_pool_size_1_the_kept_connections_leave_room_for_creates(pg_url: str) -> None:
+    """The read pool keeps up to two connections and the committer one: with
+    an engine of three, a create (SQLAlchemy's own statement) waited for a
+    connection that nobody would give back."""
+    async with create_manager(pg_url, pool_size=1) as manager:
+        writer = await manager.open("s")
+        await writer.write("first")
+        # Two reads at once: the read pool opens and keeps its two connections.
+        await asyncio.gather(manager.read("s"), manager.read("s"))
+        await asyncio.wait_for(manager.open("another"), timeout=10)
