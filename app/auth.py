@@ -289,7 +289,10 @@ class KeysFileWatch:
 async def watch_keys_file(watch: KeysFileWatch, every_seconds: float) -> None:
     while True:
         await asyncio.sleep(every_seconds)
-        watch.check()
+        try:
+            watch.check()
+        except Exception:  # whatever went wrong, keep the keys and keep watching
+            log.exception("checking the API keys file failed; the keys in force stay")
 
 
 def implied(scopes: frozenset[Access]) -> frozenset[Access]:
