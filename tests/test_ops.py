@@ -70,20 +70,29 @@ def test_generated_request_ids_are_unique_and_32_hex_digits() -> None:
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
+FORKED_IDS = """
+import os
+from app.observability import new_request_id
+read_end, write_end = os.pipe()
+if os.fork() == 0:
+    os.write(write_end, new_request_id().encode())
+    os._exit(0)
+os.close(write_end)
+os.wait()
+print(os.read(read_end, 64).decode(), new_request_id())
+"""
+
+
 def test_a_forked_process_generates_request_ids_of_its_own() -> None:
     """Guards the counter's prefix: a child forked from a preloaded app (one
-    worker process per core) would otherwise repeat its parent's ids."""
-    read_end, write_end = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child process
-        os.write(write_end, new_request_id().encode())
-        os._exit(0)
-    os.close(write_end)
-    os.waitpid(child, 0)
-    child_id = os.read(read_end, 64).decode()
-    os.close(read_end)
-    parent_id = new_request_id()
-    assert len(child_id) == 32
+    worker process per core) would otherwise repeat its parent's ids. (In a
+    fresh interpreter: forking this multi-threaded test process is unsafe.)"""
+    completed = subprocess.run(
+        [sys.executable, "-c", FORKED_IDS], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    child_id, parent_id = completed.stdout.split()
+    assert len(child_id) == len(parent_id) == 32
     assert child_id[:16] != parent_id[:16]
 
 
