@@ -153,11 +153,10 @@ class SqliteCommit:
 
     def _write(self, db: sqlite3.Connection, plans: list[StreamPlan], now: datetime) -> None:
         updates: dict[tuple[str, ...], list[list[Any]]] = {}
-        for plan in plans:
+        for plan in plans:  # plan.columns is never empty: every plan moves last_seq
             row, changed = plan.info, plan.columns
-            if changed:
-                values = [self._stored(c, getattr(row, c)) for c in changed]
-                updates.setdefault(changed, []).append([*values, row.id])
+            values = [self._stored(c, getattr(row, c)) for c in changed]
+            updates.setdefault(changed, []).append([*values, row.id])
         for columns, rows in updates.items():
             db.executemany(update_stream(columns), rows)
         new = [e for plan in plans for e in plan.events]

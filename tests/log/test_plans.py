@@ -89,6 +89,7 @@ def test_a_plan_lists_exactly_the_columns_whose_values_changed(
     assert set(plan.columns) == differing
     assert len(plan.columns) == len(set(plan.columns))
     assert differing <= set(APPENDED_COLUMNS)
+    assert "last_seq" in plan.columns  # SqliteCommit._write relies on a plan naming one
 
 
 def test_a_changed_row_is_an_ordinary_frozen_stream_info() -> None:
