@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any
@@ -38,7 +39,7 @@ from app.log.api import AppendRequest, encode_json
 from app.protocols import manager_of
 from app.protocols.durable_streams_codec import ProtocolError, parse_producer
 from app.protocols.openapi import PRODUCER_HEADERS, Error, errors, with_request
-from app.protocols.sse import KEEPALIVE, sse_response
+from app.protocols.sse import KEEPALIVE, SharedFrames, sse_response
 
 log = logging.getLogger("streamkeep.events")
 
@@ -240,10 +241,16 @@ class Framing:
         return ServerSentEventMessage(id=event.seq, data=wrapped).encode()
 
 
+@functools.cache
+def shared_frames(framing: Framing) -> SharedFrames:
+    """The process's frames of one framing (there are six), shared by its readers."""
+    return SharedFrames(framing.frame)
+
+
 async def sse_body(
     stream_id: str,
     batches: AsyncIterator[list[Event]],
-    framing: Framing,
+    frame: Callable[[Event], bytes],
     settings: Settings,
 ) -> AsyncIterator[bytes]:
     """The retry hint, then each batch the log has ready as one write, with keepalives."""
@@ -251,7 +258,7 @@ async def sse_body(
     try:
         async with contextlib.aclosing(batches):  # type: ignore[type-var]
             async for batch in batches:  # empty when idle: a keepalive
-                yield b"".join(framing.frame(e) for e in batch) if batch else KEEPALIVE
+                yield b"".join(frame(e) for e in batch) if batch else KEEPALIVE
     except StreamError as exc:
         if exc.status is not Status.NOT_FOUND:
             # A passing failure (the database restarting, this replica shutting
@@ -499,7 +506,9 @@ async def read_events(
     base64_data = framing.encoding is DataEncoding.BASE64
     headers = {"Stream-SSE-Data-Encoding": "base64"} if base64_data else {}
     return sse_response(
-        request, sse_body(stream_id, batches, framing, settings_of(request)), headers
+        request,
+        sse_body(stream_id, batches, shared_frames(framing), settings_of(request)),
+        headers,
     )
 
 

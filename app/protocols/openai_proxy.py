@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import uuid
@@ -43,7 +44,7 @@ from app.protocols import manager_of
 from app.protocols.events import cursor_from, flag_from, settings_of
 from app.protocols.openapi import JsonOrEventStream, OpenAIErrorEnvelope, errors
 from app.protocols.runs import runs_of
-from app.protocols.sse import KEEPALIVE, sse_response
+from app.protocols.sse import KEEPALIVE, SharedFrames, sse_response
 
 log = logging.getLogger("streamkeep.proxy")
 
@@ -380,15 +381,29 @@ def sequence_number(event: Event) -> int:
     return event.seq - 1
 
 
-def openai_frame(event: Event, api: Api, starting_after: int | None) -> bytes:
+def openai_frame(event: Event, api: Api) -> bytes:
     """A recorded event as the upstream sent it: event name and data, nothing else."""
     if event.kind is EventKind.CHUNK:
-        if starting_after is None or sequence_number(event) > starting_after:
-            data = event.payload.decode()
-            return ServerSentEventMessage(data=data, event=event.type, sep="\n").encode()
-    elif event.kind is EventKind.DONE and api is Api.CHAT:
+        data = event.payload.decode()
+        return ServerSentEventMessage(data=data, event=event.type, sep="\n").encode()
+    if event.kind is EventKind.DONE and api is Api.CHAT:
         return ServerSentEventMessage(data=CHAT_DONE, sep="\n").encode()
     return b""
+
+
+@functools.cache
+def shared_openai_frames(api: Api) -> SharedFrames:
+    """The process's frames of one API, shared by its readers (see SharedFrames)."""
+    return SharedFrames(functools.partial(openai_frame, api=api))
+
+
+def wanted(event: Event, starting_after: int | None) -> bool:
+    """Whether a resuming reader gets this event: chunks after its sequence number."""
+    return (
+        starting_after is None
+        or event.kind is not EventKind.CHUNK
+        or sequence_number(event) > starting_after
+    )
 
 
 async def openai_body(
@@ -397,12 +412,13 @@ async def openai_body(
     api: Api,
     starting_after: int | None,
 ) -> AsyncIterator[bytes]:
+    frame = shared_openai_frames(api)
     try:
         async with contextlib.aclosing(batches):  # type: ignore[type-var]
             async for batch in batches:
                 if not batch:  # idle: a keepalive
                     yield KEEPALIVE
-                elif body := b"".join(openai_frame(e, api, starting_after) for e in batch):
+                elif body := b"".join(frame(e) for e in batch if wanted(e, starting_after)):
                     yield body
     except StreamError as exc:
         # After the 200 there is no status left to change, and OpenAI's dialect has
