@@ -334,9 +334,44 @@ def _page_limit(page: list[Event], budget: int, page_size: int) -> int:
     return max(1, min(page_size, int(budget / max(average, 1.0))))
 
 
-def _release(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
+class _IdleTimer:
+    """Ends a reader's wait with False once `seconds` pass from its start without a change.
+
+    One timer per idle period, not one per wait: a wait that ends with an event
+    leaves the timer armed, and when it fires it only moves itself to the
+    current wait's deadline. Arming and cancelling a timer for every event of
+    every reader was a sixth of the service's CPU with 1,000 SSE readers of one
+    stream.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._deadline = 0.0
+        self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, waiter: asyncio.Future[bool]) -> None:
+        self._waiter = waiter
+        self._deadline = self._loop.time() + self._seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # no wait now: the next one arms the timer
+            return
+        if self._loop.time() >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._fire)
+
+    def cancel(self) -> None:
+        self._waiter = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class _Tail:
@@ -344,6 +379,7 @@ class _Tail:
 
     def __init__(self, manager: StreamManager, stream_id: str, last_seq: int) -> None:
         self._manager = manager
+        self._loop = asyncio.get_running_loop()
         self.stream_id = stream_id
         self.last_seq = last_seq
         self.window: deque[Event] = deque(maxlen=manager.tail_window)
@@ -361,19 +397,17 @@ class _Tail:
         self._again = False
         self._check_gone = False
 
-    async def wait(self, idle_seconds: float | None) -> bool:
-        """Until the tail changes (True) or `idle_seconds` pass (False)."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
+    async def wait(self, idle: _IdleTimer | None) -> bool:
+        """Until the tail changes (True) or the reader's idle timer ends the wait (False)."""
+        waiter: asyncio.Future[bool] = self._loop.create_future()
         self._waiters.append(waiter)
-        timer = None if idle_seconds is None else loop.call_later(idle_seconds, _release, waiter)
+        if idle is not None:
+            idle.watch(waiter)
         changed = False
         try:
             changed = await waiter
             return changed
         finally:
-            if timer is not None:
-                timer.cancel()
             if not changed:  # cancelled or idle: _notify has not taken it off the list
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
@@ -402,8 +436,12 @@ class _Tail:
             return []
         if not self.window or cursor < self.window[0].seq - 1:
             return None
-        skip = cursor - (self.window[0].seq - 1)
-        return list(itertools.islice(self.window, skip, None))
+        # Taken from the right end: a caught-up reader wants the newest few, and
+        # skipping from the left walked the whole window for every reader and event.
+        newer = self.window[-1].seq - cursor
+        events = list(itertools.islice(reversed(self.window), newer))
+        events.reverse()
+        return events
 
     def mark_gone(self) -> None:
         self.gone = True
@@ -872,6 +910,7 @@ class StreamManager:
     ) -> AsyncIterator[list[Event]]:
         stream_id = info.id
         tail = self._attach(stream_id, info.last_seq)
+        idle = None if idle_seconds is None else _IdleTimer(idle_seconds)
         # A first page of unknown event sizes is kept small; the next ones are
         # sized from the events read so far.
         limit = min(self.page_size, FIRST_PAGE_EVENTS)
@@ -901,9 +940,11 @@ class StreamManager:
                     raise tail.failure
                 # No safety timer per reader: one check for all tails runs in
                 # _recheck_tails. The idle timeout is the caller's keepalive.
-                if not await tail.wait(idle_seconds):
+                if not await tail.wait(idle):
                     yield []
         finally:
+            if idle is not None:
+                idle.cancel()
             self._detach(tail)
 
     def _attach(self, stream_id: str, known_last: int) -> _Tail:

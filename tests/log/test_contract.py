@@ -591,6 +591,34 @@ async def test_an_idle_subscription_ticks_with_empty_batches(manager: StreamMana
         assert [e.json() for e in await anext(batches)] == ["end"]
 
 
+async def test_the_idle_tick_counts_from_the_start_of_the_current_wait(
+    manager: StreamManager,
+) -> None:
+    """The idle timer outlives waits that end with events (one timer per idle
+    period, not per event): when it fires it must measure from the wait in
+    progress, so events more frequent than idle_seconds never get a keepalive."""
+    writer = await manager.open("s")
+    batches = await manager.subscribe_batches("s", idle_seconds=1.0)
+    received: list[list[Any]] = []
+    async with contextlib.aclosing(batches):  # type: ignore[type-var]
+
+        async def produce() -> None:
+            for n in range(25):  # 2.5 idle periods, one event every tenth of one
+                await writer.write(n)
+                await asyncio.sleep(0.1)
+
+        producer = asyncio.create_task(produce())
+        while sum(len(b) for b in received) < 25:
+            received.append([e.json() for e in await anext(batches)])
+        await producer
+        quiet_from = asyncio.get_running_loop().time()
+        assert await anext(batches) == []  # then silence: the tick comes
+        waited = asyncio.get_running_loop().time() - quiet_from
+    assert [] not in received
+    assert [n for batch in received for n in batch] == list(range(25))
+    assert 0.8 <= waited < 3.0
+
+
 async def test_a_subscription_yields_at_most_batch_bytes_at_once(
     make_manager: ManagerFactory,
 ) -> None:
