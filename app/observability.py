@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from litestar.enums import ScopeType
@@ -196,7 +196,9 @@ def request_log_middleware(metrics: Metrics) -> Any:
             status = 500
             sent = 0
 
-            async def send_with_id(message: Message) -> None:
+            # A plain function that hands back the server's send: no coroutine of
+            # its own for every message (each SSE event of each reader is one).
+            def send_with_id(message: Message) -> Awaitable[None]:
                 nonlocal status, sent
                 if message["type"] == "http.response.start":
                     status = message["status"]
@@ -205,7 +207,7 @@ def request_log_middleware(metrics: Metrics) -> Any:
                     message = {**message, "headers": headers}
                 elif message["type"] == "http.response.body":
                     sent += len(message.get("body", b""))
-                await send(message)
+                return send(message)
 
             try:
                 await app(scope, receive, send_with_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -124,11 +124,11 @@ def stream_guard(timeout: float) -> Any:
             task = asyncio.current_task()
             assert task is not None
 
-            async def guarded(message: Message) -> None:
+            # A plain function that hands back an awaitable, as send_with_id does.
+            def guarded(message: Message) -> Awaitable[None]:
                 if message["type"] == "http.response.body" and message.get("more_body"):
-                    await watch.send(task, send, message)
-                else:
-                    await send(message)
+                    return watch.send(task, send, message)
+                return send(message)
 
             try:
                 await app(scope, receive, guarded)
