@@ -179,3 +179,29 @@ def test_bug_an_append_that_met_a_stream_replaced_after_its_lookup_was_refused(
     assert answer.status_code == 204, answer.text
     assert replaced
     assert httpx.get(f"{second.url}/v1/stream/raced?offset=-1").json() == [1]
+
+
+def test_a_live_sse_response_keeps_alive_while_idle_and_ends_after_its_deadline(
+    live_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keep-alives are the log's idle ticks (min(long-poll timeout, a quarter of
+    the deadline)); the response ends at the first frame after SSE_MAX_SECONDS."""
+    monkeypatch.setattr(durable_streams, "SSE_MAX_SECONDS", 1.2)
+    base = f"{live_server(long_poll_timeout=0.2).url}/v1/stream"
+    assert httpx.put(f"{base}/sse", headers=JSON).status_code == 201
+    events: list[tuple[str, str]] = []
+    with httpx.stream("GET", f"{base}/sse?offset=now&live=sse", timeout=10) as response:
+        assert response.status_code == 200
+        kind = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data:"):
+                events.append((kind, line.removeprefix("data:")))
+                if len(events) == 3:  # idle for a while: now an append
+                    assert httpx.post(f"{base}/sse", headers=JSON, content=b'{"n":1}').is_success
+    # it ended by itself: the deadline, not the client
+    kinds = [k for k, _ in events]
+    assert ("data", '[{"n":1}]') in events
+    assert kinds.count("control") >= 5  # the first, keep-alives, and the data's own
+    assert all('"upToDate":true' in data for kind, data in events if kind == "control")
