@@ -276,11 +276,14 @@ def sse_event(event: str, text: str) -> str:
 def sse_control(
     next_seq: int, *, cursor: str | None, up_to_date: bool, closed: bool = False
 ) -> str:
-    control: dict[str, Any] = {"streamNextOffset": format_offset(next_seq)}
+    # Written out, not json.dumps(dict, separators=...): that runs the pure-Python
+    # encoder, a fifth of the service's time per delivery with many SSE readers.
+    # JSON never holds a raw line break, so no data: line needs splitting.
+    fields = [f'"streamNextOffset":"{format_offset(next_seq)}"']
     if closed:
-        control["streamClosed"] = True  # a closed stream sends no cursor: nothing follows
+        fields.append('"streamClosed":true')  # a closed stream sends no cursor: nothing follows
     elif cursor is not None:
-        control["streamCursor"] = cursor
+        fields.append(f'"streamCursor":{json.dumps(cursor)}')
     if up_to_date or closed:
-        control["upToDate"] = True
-    return sse_event("control", json.dumps(control, separators=(",", ":")))
+        fields.append('"upToDate":true')
+    return f"event: control\ndata:{{{','.join(fields)}}}\n\n"

@@ -3,6 +3,7 @@ conformance suite is thin."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -121,6 +122,26 @@ def test_control_events_drop_the_cursor_once_closed() -> None:
         '"streamCursor":"7","upToDate":true}\n\n'
     )
     assert '"streamCursor"' not in sse_control(3, cursor="7", up_to_date=True, closed=True)
+
+
+@pytest.mark.parametrize("cursor", [None, "7", 'odd "cursor"\n'])
+@pytest.mark.parametrize("up_to_date", [False, True])
+@pytest.mark.parametrize("closed", [False, True])
+def test_control_events_are_the_json_of_their_fields(
+    cursor: str | None, up_to_date: bool, closed: bool
+) -> None:
+    """sse_control writes its JSON by hand: it must be what json.dumps would write."""
+    event = sse_control(2**40, cursor=cursor, up_to_date=up_to_date, closed=closed)
+    head, data, end = event.split("\n", 2)
+    assert (head, end) == ("event: control", "\n")
+    expected: dict[str, object] = {"streamNextOffset": "0000000000000000_0001099511627776"}
+    if closed:
+        expected["streamClosed"] = True
+    elif cursor is not None:
+        expected["streamCursor"] = cursor
+    if up_to_date or closed:
+        expected["upToDate"] = True
+    assert data == "data:" + json.dumps(expected, separators=(",", ":"))
 
 
 def test_cursor_is_the_interval_or_moves_past_the_clients() -> None:
