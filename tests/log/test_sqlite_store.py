@@ -127,10 +127,32 @@ async def test_the_poll_does_not_take_this_processs_own_commits_for_another_writ
             await manager.append("s", [NewEvent.chunk(n)])
             await asyncio.sleep(0.003)  # a few polls between two commits
         assert [e.seq for e in await asyncio.wait_for(reader, 10)] == list(range(1, 41))
-        # At most the poll's safety check (once a second) on a slow machine.
+        # At most one full check, should a poll find data_version unreadable.
         assert heads.count <= 1, heads.calls
     finally:
         await manager.close()
+
+
+async def test_a_reader_of_an_idle_stream_written_elsewhere_reads_nothing(
+    sqlite_url: str,
+) -> None:
+    """Regression: the poll also re-read every watched stream once a second,
+    whatever data_version said: one query per second and reading process for
+    nothing, on top of the manager's own safety re-check."""
+    async with create_manager(sqlite_url) as writer_side:
+        writer = await writer_side.open("s", idle_timeout_seconds=None)
+        await writer.write("first")
+        async with create_manager(sqlite_url, sqlite_poll_seconds=0.002) as reader_side:
+            batches = await reader_side.subscribe_batches("s")
+            async with contextlib.aclosing(batches):  # type: ignore[type-var]
+                assert [e.json() for e in await anext(batches)] == ["first"]
+                reads = CallCounter(reader_side.store, "read")
+                heads = CallCounter(reader_side.store, "heads")
+                waiting = asyncio.ensure_future(anext(batches))
+                await asyncio.sleep(2.5)  # more than two of the old full checks
+                assert (reads.count, heads.count) == (0, 0)
+                await writer.write("second")  # and another process's append still arrives
+                assert [e.json() for e in await asyncio.wait_for(waiting, 10)] == ["second"]
 
 
 async def collect(manager: StreamManager, stream_id: str, count: int) -> list[Any]:
