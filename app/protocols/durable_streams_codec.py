@@ -276,8 +276,9 @@ def sse_event(event: str, text: str) -> str:
 def sse_control(
     next_seq: int, *, cursor: str | None, up_to_date: bool, closed: bool = False
 ) -> str:
-    # Written out, not json.dumps(dict, separators=...): that runs the pure-Python
-    # encoder, a fifth of the service's time per delivery with many SSE readers.
+    # Written out: json.dumps(dict, separators=...) builds a JSONEncoder on every
+    # call, and sse_event's line split came on top (1.6 µs here against about 4.5
+    # for both, a fifth of the service's time per delivery with many SSE readers).
     # JSON never holds a raw line break, so no data: line needs splitting.
     fields = [f'"streamNextOffset":"{format_offset(next_seq)}"']
     if closed:
