@@ -186,7 +186,7 @@ def test_a_live_sse_response_keeps_alive_while_idle_and_ends_after_its_deadline(
 ) -> None:
     """The keep-alives are the log's idle ticks (min(long-poll timeout, a quarter of
     the deadline)); the response ends at the first frame after SSE_MAX_SECONDS."""
-    monkeypatch.setattr(durable_streams, "SSE_MAX_SECONDS", 1.2)
+    monkeypatch.setattr(durable_streams, "SSE_MAX_SECONDS", 2.0)
     base = f"{live_server(long_poll_timeout=0.2).url}/v1/stream"
     assert httpx.put(f"{base}/sse", headers=JSON).status_code == 201
     events: list[tuple[str, str]] = []
