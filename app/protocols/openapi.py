@@ -126,8 +126,16 @@ PRODUCER_HEADERS = (
             description=description,
         )
         for name, description in (
-            ("Producer-Epoch", "The producer's epoch: a restarted producer takes a higher one."),
-            ("Producer-Seq", "The write's seq in its epoch, from 0: a retry repeats it."),
+            (
+                "Producer-Epoch",
+                "The producer's epoch: a restarted producer takes a higher one. "
+                "A decimal integer up to 2^53 - 1 (the pattern states the 15-digit part).",
+            ),
+            (
+                "Producer-Seq",
+                "The write's seq in its epoch, from 0: a retry repeats it. "
+                "A decimal integer up to 2^53 - 1 (the pattern states the 15-digit part).",
+            ),
         )
     ),
 )
