@@ -344,6 +344,8 @@ class _IdleTimer:
     stream.
     """
 
+    __slots__ = ("_deadline", "_loop", "_seconds", "_timer", "_waiter")
+
     def __init__(self, seconds: float) -> None:
         self._seconds = seconds
         self._loop = asyncio.get_running_loop()
