@@ -608,8 +608,9 @@ async def test_the_idle_tick_counts_from_the_start_of_the_current_wait(
                 await asyncio.sleep(0.1)
 
         producer = asyncio.create_task(produce())
-        while sum(len(b) for b in received) < 25:
-            received.append([e.json() for e in await anext(batches)])
+        async with asyncio.timeout(30):  # a lost event would otherwise wait for ever
+            while sum(len(b) for b in received) < 25:
+                received.append([e.json() for e in await anext(batches)])
         await producer
         quiet_from = asyncio.get_running_loop().time()
         assert await anext(batches) == []  # then silence: the tick comes

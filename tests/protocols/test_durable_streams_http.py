@@ -3,6 +3,7 @@ precedence, odd input (always a 4xx, nothing changed) and CORS, on every backend
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -190,10 +191,13 @@ def test_a_live_sse_response_keeps_alive_while_idle_and_ends_after_its_deadline(
     base = f"{live_server(long_poll_timeout=0.2).url}/v1/stream"
     assert httpx.put(f"{base}/sse", headers=JSON).status_code == 201
     events: list[tuple[str, str]] = []
+    started = time.monotonic()
     with httpx.stream("GET", f"{base}/sse?offset=now&live=sse", timeout=10) as response:
         assert response.status_code == 200
         kind = ""
         for line in response.iter_lines():
+            # Keep-alives would go on for ever: a response that outlives its deadline fails.
+            assert time.monotonic() - started < 10, "the response did not end after its deadline"
             if line.startswith("event: "):
                 kind = line.removeprefix("event: ")
             elif line.startswith("data:"):
