@@ -314,9 +314,7 @@ class Authority:
         token_secret: str,
         token_seconds: int,
     ) -> None:
-        # Keys are kept as SHA-256 digests and compared in constant time, all of them
-        # every time, so neither the comparison nor the loop tells how close a guess was.
-        self._keys = [(_digest(key), implied(scopes)) for key, scopes in keys]
+        self.replace_keys(keys)
         self._secret = token_secret.encode()
         self.token_seconds = token_seconds
 
@@ -333,7 +331,10 @@ class Authority:
         return cls(keys, settings.token_secret, settings.read_token_seconds)
 
     def replace_keys(self, keys: list[tuple[str, frozenset[Access]]]) -> None:
-        """Rotated keys (KeysFileWatch): from the next request on, only these are valid."""
+        """The keys in force (rotated by KeysFileWatch): from the next request on, only
+        these are valid. Kept as SHA-256 digests and compared in constant time, all of
+        them every time, so neither the comparison nor the loop tells how close a
+        guess was."""
         self._keys = [(_digest(key), implied(scopes)) for key, scopes in keys]
 
     @property

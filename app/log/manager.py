@@ -340,8 +340,8 @@ class _IdleTimer:
     One timer per idle period, not one per wait: a wait that ends with an event
     leaves the timer armed, and when it fires it only moves itself to the
     current wait's deadline. Arming and cancelling a timer for every event of
-    every reader was a sixth of the service's CPU with 1,000 SSE readers of one
-    stream.
+    every reader was most of the 20 % of the service's event loop that waits
+    took with 1,000 SSE readers of one stream (5 % with this).
     """
 
     __slots__ = ("_deadline", "_loop", "_seconds", "_timer", "_waiter")

@@ -44,8 +44,8 @@ class SqlitePoller:
     and only while some local reader waits, does one query read the heads of
     all watched streams. While data_version cannot be read, a full check runs
     every `safety_seconds` instead. (When it can, it misses no commit, and a
-    full check on a timer only cost the readers' processes a read of every
-    watched stream for nothing: more than one query per event in the bench.)
+    full check on a timer only cost a process with waiting readers a read of
+    every watched stream each second for nothing.)
     """
 
     def __init__(
