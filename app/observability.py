@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -34,6 +34,10 @@ from app.log import StreamManager
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_NAME = REQUEST_ID_HEADER.encode()
 access_log = logging.getLogger("streamkeep.access")
+# nginx's "client closed request": the client went away before any answer began,
+# so whatever the app answered reached nobody. Litestar answers a body cut short
+# with a 500, which would count a producer's crash as a server error.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class JsonFormatter(logging.Formatter):
@@ -191,17 +195,27 @@ def request_log_middleware(metrics: Metrics) -> Any:
                 await app(scope, receive, send)
                 return
             method = str(scope.get("method", "GET"))
-            started = time.perf_counter()
+            began = time.perf_counter()
             request_id = _incoming_request_id(scope) or new_request_id()
             status = 500
             sent = 0
+            started = False  # the response's status line was handed to the server
+            left_first = False  # the client went away before that
+
+            async def receive_watching() -> ReceiveMessage:
+                nonlocal left_first
+                message = await receive()
+                if message["type"] == "http.disconnect" and not started:
+                    left_first = True
+                return message
 
             # A plain function that hands back the server's send: no coroutine of
             # its own for every message (each SSE event of each reader is one).
             def send_with_id(message: Message) -> Awaitable[None]:
-                nonlocal status, sent
+                nonlocal status, sent, started
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                    started = True
                     headers = list(message.get("headers", []))
                     headers.append((_REQUEST_ID_NAME, request_id.encode()))
                     message = {**message, "headers": headers}
@@ -210,9 +224,11 @@ def request_log_middleware(metrics: Metrics) -> Any:
                 return send(message)
 
             try:
-                await app(scope, receive, send_with_id)
+                await app(scope, receive_watching, send_with_id)
             finally:
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - began
+                if left_first:
+                    status = CLIENT_CLOSED_REQUEST
                 route = scope.get("path_template", "unmatched")
                 metrics.observe_request(method, route, status, elapsed)
                 # (the line's fields are not even built while it is off)

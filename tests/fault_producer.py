@@ -7,8 +7,10 @@ native producer API. Every answer is written to LOG_FILE at once (one line, one
 unbuffered write, so a SIGKILL loses nothing that was acknowledged):
 
     ok <n> <seq>          HTTP 200: the append is acknowledged with its seq
-    fail <n> <status>     any other answer (its HTTP status), or `conn` when the
-                          request got no answer at all (the service was away)
+    fail <n> <status> <retry-after> <message>
+                          any other answer: its HTTP status, Retry-After ("-" if
+                          none) and the error's message on one line; or
+    fail <n> conn         when the request got no answer at all (the service was away)
 
 A counter is never sent twice: after a failure the producer moves on to the next
 one, since an unanswered append may or may not have been committed.
@@ -38,7 +40,9 @@ def produce(base: str, stream_id: str, first: int, count: int, log_path: str) ->
                 os.write(fd, f"ok {n} {response.json()['last_seq']}\n".encode())
             else:
                 retry = response.headers.get("retry-after", "-")
-                os.write(fd, f"fail {n} {response.status_code} {retry}\n".encode())
+                # The message says which failure it was when a test finds a wrong status.
+                message = " ".join(response.text.split())[:300]
+                os.write(fd, f"fail {n} {response.status_code} {retry} {message}\n".encode())
                 time.sleep(0.05)
     os.close(fd)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,35 @@ def test_metrics_change_as_appends_happen(live_server: ServerFactory) -> None:
     )
     assert "streamkeep_request_duration_seconds_bucket" in after.text
     assert 'route="/flows/{name}"' in after.text  # templates, not stream ids, as labels
+
+
+def _count_of(metrics: str, route: str, status: int) -> float:
+    labels = f'method="POST",route="{route}",status="{status}"'
+    return _metric(metrics, f"streamkeep_request_duration_seconds_count{{{labels}}}")
+
+
+def test_a_producer_that_dies_mid_request_is_logged_499_not_500(
+    live_server: ServerFactory,
+) -> None:
+    """Regression: a producer killed while its append was on the wire (the Postgres
+    restart fault test, under load) showed in the access log and the metrics as
+    a 500, because Litestar answers a body cut short with one, to nobody."""
+    server = live_server()
+    assert httpx.put(f"{server.url}/v1/streams/cut").status_code == 201
+    route = "/v1/streams/{stream_id}/events"
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/streams/cut/events HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            b'{"data": '
+        )
+    deadline = time.monotonic() + 30
+    while _count_of(metrics := httpx.get(f"{server.url}/metrics").text, route, 499) < 1:
+        assert time.monotonic() < deadline, f"500s: {_count_of(metrics, route, 500)}"
+        time.sleep(0.05)
+    assert _count_of(metrics, route, 500) == 0
+    assert httpx.get(f"{server.url}/v1/streams/cut").json()["last_seq"] == 0
 
 
 def test_every_response_carries_a_request_id(live_server: ServerFactory) -> None:
