@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -80,6 +81,16 @@ class Settings:
     read_token_seconds: int = 3600
     allow_unauthenticated: bool = False
 
+    def __post_init__(self) -> None:
+        # A value out of range would not fail later but misbehave: a zero interval
+        # turns its loop into a busy loop, a zero pool waits for ever.
+        for name, (allowed, what) in RANGES.items():
+            value = getattr(self, name)
+            if not allowed(value):
+                if isinstance(value, float) and not math.isfinite(value):
+                    what = "a finite number"
+                raise ValueError(f"STREAMKEEP_{name.upper()}={value!r}: must be {what}")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
@@ -101,6 +112,54 @@ class Settings:
     @property
     def idle_timeout(self) -> int | None:
         return self.idle_timeout_seconds or None
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _not_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _one_of(*choices: str) -> Callable[[str], bool]:
+    return lambda value: value.upper() in choices
+
+
+POSITIVE = (_positive, "more than 0")
+NOT_NEGATIVE = (_not_negative, "0 or more")
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "port": (lambda port: 0 <= port <= 65535, "a TCP port, 0 to 65535"),
+    "ttl_seconds": NOT_NEGATIVE,
+    "idle_timeout_seconds": NOT_NEGATIVE,
+    "sweep_interval_seconds": POSITIVE,
+    "sweep_batch_size": POSITIVE,
+    "sqlite_poll_seconds": POSITIVE,
+    "sqlite_busy_timeout_ms": NOT_NEGATIVE,
+    "sqlite_synchronous": (
+        _one_of("OFF", "NORMAL", "FULL", "EXTRA"),
+        "one of OFF, NORMAL, FULL, EXTRA",
+    ),
+    "safety_poll_seconds": POSITIVE,
+    "long_poll_timeout": POSITIVE,
+    "pool_size": POSITIVE,
+    "log_level": (
+        _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        "one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+    ),
+    "log_format": (lambda value: value in ("text", "json"), 'either "text" or "json"'),
+    "shutdown_timeout_seconds": NOT_NEGATIVE,
+    "max_event_bytes": POSITIVE,
+    "max_request_bytes": POSITIVE,
+    "max_readers_per_stream": POSITIVE,
+    "max_open_streams": NOT_NEGATIVE,
+    "stall_timeout_seconds": POSITIVE,
+    "sse_keepalive_seconds": POSITIVE,
+    "sse_retry_ms": NOT_NEGATIVE,
+    "upstream_timeout_seconds": POSITIVE,
+    "api_keys_reload_seconds": NOT_NEGATIVE,
+    "read_token_seconds": POSITIVE,
+}
 
 
 def _parse(name: str, type_name: Any, raw: str) -> Any:

@@ -160,3 +160,12 @@ def test_serve_says_at_start_up_who_may_reach_it(
         proc.terminate()
         output = proc.communicate(timeout=20)[0]
     assert said in output
+
+
+def test_serve_refuses_a_setting_out_of_range_in_one_line(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, long_poll_timeout="0")
+    result = streamkeep("serve", "--port", str(free_port()), cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "streamkeep: STREAMKEEP_LONG_POLL_TIMEOUT=0.0: must be more than 0"
+    )
