@@ -6,11 +6,14 @@ None of them writes SQL; each exposes a Litestar Router that app.server mounts.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from litestar import Litestar, Request, Router
+from litestar.exceptions import InternalServerException
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from app.log import StreamManager
 from app.protocols.durable_streams_codec import EXPOSED_HEADERS as DURABLE_STREAMS_HEADERS
@@ -41,6 +44,47 @@ async def close_bodies(scope: Any) -> None:
         if aclose is not None:
             with contextlib.suppress(Exception):
                 await aclose()
+
+
+async def read_body(request: Request) -> bytes:  # type: ignore[type-arg]
+    """The request's body, as `request.body()` reads it (the route's size limit,
+    413 past it, a 500 to nobody if the client left), straight from the server.
+
+    `request.body()` builds the request's header map and an async generator
+    per request: 7 % of a served append's CPU, where this costs 1 %.
+    """
+    limit = request.route_handler.resolve_request_max_body_size() or math.inf
+    for name, value in request.scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise RequestEntityTooLarge  # refused before reading it
+            break
+    receive = request.receive
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InternalServerException("client disconnected prematurely")
+        chunk: bytes = message.get("body", b"")  # type: ignore[assignment]
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise RequestEntityTooLarge
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def header_values(request: Request, names: frozenset[bytes]) -> dict[str, str]:  # type: ignore[type-arg]
+    """These headers (lower-case names) of the request, read from its scope:
+    without the header map `request.headers` builds for all of them. A header
+    sent twice reads as its first value, as it does there."""
+    found: dict[str, str] = {}
+    for name, value in request.scope["headers"]:
+        if name in names:
+            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return found
 
 
 def manager_of(request: Request) -> StreamManager:  # type: ignore[type-arg]

@@ -50,9 +50,10 @@ from app.log import (
     StreamManager,
     StreamStatus,
 )
-from app.protocols import closing_body, manager_of
+from app.protocols import closing_body, header_values, manager_of, read_body
 from app.protocols.durable_streams_codec import (
     DEFAULT_CONTENT_TYPE,
+    PRODUCER_HEADER_NAMES,
     ProtocolError,
     ReadFrom,
     bad_request,
@@ -740,16 +741,23 @@ def same_config_or_conflict(
 # -- POST: append and close ---------------------------------------------------------------------
 
 
+# What an append reads of the request's headers (the hottest request of all).
+APPEND_HEADERS = frozenset(
+    {b"content-type", b"stream-closed", b"stream-seq", *(n.encode() for n in PRODUCER_HEADER_NAMES)}
+)
+
+
 async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIResponse:
-    claim = parse_producer(request.headers)
-    body = await request.body()
-    closing = is_true(request.headers.get("stream-closed"))
-    content_type = request.headers.get("content-type")
+    headers = header_values(request, APPEND_HEADERS)
+    claim = parse_producer(headers)
+    body = await read_body(request)
+    closing = is_true(headers.get("stream-closed"))
+    content_type = headers.get("content-type")
     if not body and not closing:
         raise bad_request("an append needs a body (or Stream-Closed: true to close)")
     if body and content_type is None:
         raise bad_request("an append with a body needs a Content-Type")
-    writer_seq = request.headers.get("stream-seq")
+    writer_seq = headers.get("stream-seq")
     known = known_streams(call.manager).get(call.stream_id) if body else None
     if known is not None:
         try:

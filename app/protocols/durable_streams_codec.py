@@ -180,10 +180,12 @@ def parse_sub_offset(value: str | None) -> int:
     return int(value)
 
 
+PRODUCER_HEADER_NAMES = ("producer-id", "producer-epoch", "producer-seq")
+
+
 def parse_producer(headers: Mapping[str, str]) -> ProducerClaim | None:
     """Producer-Id, -Epoch and -Seq: all three or none."""
-    names = ("producer-id", "producer-epoch", "producer-seq")
-    given = [headers.get(name) for name in names]
+    given = [headers.get(name) for name in PRODUCER_HEADER_NAMES]
     if all(v is None for v in given):
         return None
     producer_id, epoch, seq = given

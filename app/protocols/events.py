@@ -36,8 +36,12 @@ from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, encode_json
-from app.protocols import manager_of
-from app.protocols.durable_streams_codec import ProtocolError, parse_producer
+from app.protocols import header_values, manager_of, read_body
+from app.protocols.durable_streams_codec import (
+    PRODUCER_HEADER_NAMES,
+    ProtocolError,
+    parse_producer,
+)
 from app.protocols.openapi import PRODUCER_HEADERS, Error, errors, with_request
 from app.protocols.sse import KEEPALIVE, SharedFrames, sse_response
 
@@ -51,6 +55,7 @@ MAX_BATCH = 1000
 MAX_LISTED = 500
 # Who appends, for the metrics (appends by origin).
 ORIGIN = "events"
+PRODUCER_KEYS = frozenset(name.encode() for name in PRODUCER_HEADER_NAMES)
 
 
 # -- errors and input ----------------------------------------------------------------
@@ -71,7 +76,7 @@ def invalid(message: str) -> StreamError:
 
 async def json_body(request: Request, *, required: bool) -> Any:  # type: ignore[type-arg]
     """The request's JSON body; an empty optional body is None."""
-    raw = await request.body()
+    raw = await read_body(request)
     if not raw.strip():
         if required:
             raise invalid("the request needs a JSON body")
@@ -457,7 +462,7 @@ async def append(request: Request, stream_id: str, events: list[NewEvent]) -> Ap
     ones; a seq must follow the last one accepted.
     """
     try:
-        claim = parse_producer(request.headers)
+        claim = parse_producer(header_values(request, PRODUCER_KEYS))
     except ProtocolError as exc:
         raise invalid(exc.message) from None
     appended = AppendRequest(stream_id, events, origin=ORIGIN, producer=claim)

@@ -51,6 +51,23 @@ def test_a_body_over_the_limit_is_refused_and_changes_nothing(base: str) -> None
     assert httpx.get(url).content == b""
 
 
+def test_a_body_sent_in_chunks_is_joined_and_limited_without_a_content_length(
+    live_server: ServerFactory,
+) -> None:
+    """The append reads its body from the server itself (app.protocols.read_body):
+    chunked bodies have no Content-Length to refuse them by in advance."""
+    url = f"{live_server(max_request_bytes=1000).url}/v1/stream/chunked"
+    binary = {"content-type": "application/octet-stream"}
+    assert httpx.put(url, headers=binary).status_code == 201
+    chunks = [b"a" * 300, b"b" * 300, b"c" * 300]
+    assert httpx.post(url, headers=binary, content=iter(chunks)).status_code == 204
+    too_big = httpx.post(url, headers=binary, content=iter([*chunks, b"d" * 200]))
+    assert too_big.status_code == 413
+    announced = httpx.post(url, headers=binary, content=b"e" * 1001)
+    assert announced.status_code == 413
+    assert httpx.get(url).content == b"".join(chunks)
+
+
 def test_a_message_over_the_event_limit_is_refused(live_server: ServerFactory) -> None:
     url = f"{live_server(max_event_bytes=1000).url}/v1/stream/limited"
     binary = {"content-type": "application/octet-stream"}
