@@ -583,7 +583,7 @@ class Plan:
 
 async def handle_put(request: Request[Any, Any, Any], call: Call) -> ASGIResponse:
     wanted = CreateRequest.parse(request)
-    body = await request.body()
+    body = await read_body(request)
     plan = await plan_for(call, wanted, body)
     attributes = {ATTRIBUTES_KEY: {"expires_at": plan.expires_raw, "sub_offset": wanted.sub_offset}}
     for _ in range(3):  # a stream found, then gone again, is created on a second try
