@@ -17,10 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from app.log import ProducerClaim
-from app.log.api import encode_json
+from app.log.api import NotJson, decode_json, encode_json
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 JSON_MEDIA_TYPE = "application/json"
@@ -207,24 +206,15 @@ def _safe_integer(name: str, value: str) -> int:
 # -- bodies ----------------------------------------------------------------------------
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# json.loads(body, parse_constant=...) built a decoder per call, per append.
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
-
-
 def json_messages(body: bytes, *, allow_empty: bool) -> list[bytes]:
     """A JSON body as messages: an array is flattened one level, anything else is one.
 
     Each message is stored compact. NaN and Infinity are refused, as JSON has none.
     """
     try:
-        # What json.loads does with bytes: UTF-8, -16 or -32, told by the first bytes.
-        value = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except (ValueError, UnicodeDecodeError):
-        raise bad_request("the body is not valid JSON") from None
+        value = decode_json(body)
+    except NotJson as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, list):
         return [encode_json(value)]
     if not value and not allow_empty:

@@ -35,7 +35,7 @@ from app.auth import authority_of, read_token_headers
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, StreamStatus
-from app.log.api import AppendRequest, encode_json
+from app.log.api import AppendRequest, NotJson, decode_json, encode_json
 from app.protocols import header_values, manager_of, read_body
 from app.protocols.durable_streams_codec import (
     PRODUCER_HEADER_NAMES,
@@ -82,8 +82,8 @@ async def json_body(request: Request, *, required: bool) -> Any:  # type: ignore
             raise invalid("the request needs a JSON body")
         return None
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return decode_json(raw)
+    except NotJson as exc:
         raise invalid(f"the body is not valid JSON: {exc}") from None
 
 

@@ -32,6 +32,7 @@ from app.errors import Status, StreamError, http_status, retry_headers
 from app.flows import Flow, FlowRegistry
 from app.flows.runner import FlowRunner
 from app.log import Event, EventKind, StreamManager
+from app.log.api import NotJson, decode_json
 from app.protocols import closing_body, manager_of
 from app.protocols.openapi import ErrorEnvelope, JsonOrEventStream, errors, with_request
 
@@ -115,8 +116,8 @@ def _parse_input(body: bytes) -> Any:
     if not body.strip():
         return None
     try:
-        envelope = json.loads(body)
-    except ValueError as exc:
+        envelope = decode_json(body)
+    except NotJson as exc:
         raise StreamError(Status.INVALID_ARGUMENT, f"the body is not valid JSON: {exc}") from exc
     if not isinstance(envelope, dict):
         raise StreamError(Status.INVALID_ARGUMENT, 'the body must be an object like {"data": ...}')

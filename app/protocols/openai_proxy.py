@@ -39,7 +39,7 @@ from app.auth import read_token_headers
 from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
-from app.log.api import AppendRequest
+from app.log.api import AppendRequest, NotJson, decode_json
 from app.protocols import manager_of
 from app.protocols.events import cursor_from, flag_from, settings_of
 from app.protocols.openapi import JsonOrEventStream, OpenAIErrorEnvelope, errors
@@ -474,8 +474,8 @@ async def proxy(request: Request, api: Api) -> Response[Any]:  # type: ignore[ty
     settings = settings_of(request)
     body = await request.body()
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        parsed = decode_json(body)
+    except NotJson:
         raise StreamError(Status.INVALID_ARGUMENT, "the body must be a JSON object") from None
     if not isinstance(parsed, dict):
         raise StreamError(Status.INVALID_ARGUMENT, "the body must be a JSON object")

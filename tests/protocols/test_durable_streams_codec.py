@@ -107,6 +107,25 @@ def test_json_bodies_flatten_one_level_and_store_compact() -> None:
     for bad in (b"[]", b"{", b"NaN", b"[Infinity]", b"\xff"):
         with pytest.raises(ProtocolError):
             json_messages(bad, allow_empty=False)
+    # Other encodings a JSON reader may accept, as json accepted them before.
+    assert json_messages('["é"]'.encode("utf-16"), allow_empty=False) == ['"é"'.encode()]
+    assert json_messages(b'\xef\xbb\xbf{"a":1}', allow_empty=False) == [b'{"a":1}']
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b'{"a":1e400}', id="stored-as-null"),
+        pytest.param(b'["\\ud800"]', id="500-unpaired-surrogate"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="500-nested-too-deep"),
+    ],
+)
+def test_json_the_log_cannot_keep_as_sent_is_refused(body: bytes) -> None:
+    """Regression: json read 1e400 as infinity, stored as null; an escaped
+    unpaired surrogate and deep nesting raised past the 400 into a 500."""
+    with pytest.raises(ProtocolError) as refused:
+        json_messages(body, allow_empty=False)
+    assert refused.value.status == 400
 
 
 def test_sse_lines_cannot_forge_events() -> None:

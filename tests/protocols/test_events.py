@@ -197,6 +197,11 @@ def test_listing_shows_the_newest_streams_of_the_log_with_their_status(
 
 BAD_APPENDS = [
     pytest.param(b"{not json", id="invalid-json"),
+    pytest.param(b'{"data": 1e400}', id="number-out-of-range-was-stored-as-null"),
+    pytest.param(b'{"data": "\\udc00"}', id="unpaired-surrogate-was-a-500"),
+    pytest.param(
+        b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", id="deep-nesting-was-a-500"
+    ),
     pytest.param(b"", id="empty-body"),
     pytest.param(b"[]", id="empty-list"),
     pytest.param(b'"text"', id="not-an-object"),

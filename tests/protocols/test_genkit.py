@@ -128,7 +128,14 @@ def test_accepted_bodies(server: LiveServer, body: bytes) -> None:
 
 @pytest.mark.parametrize(
     ("body", "message"),
-    [(b"{nope", "not valid JSON"), (b"[1, 2]", "must be an object")],
+    [
+        (b"{nope", "not valid JSON"),
+        (b"[1, 2]", "must be an object"),
+        # Regression: json read it as infinity, which reached the flow.
+        (b'{"data": 1e400}', "beyond the range of a double"),
+        # Regression: RecursionError passed the 400 and became a 500.
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ],
 )
 def test_bad_bodies_get_400_and_start_nothing(
     server: LiveServer, body: bytes, message: str

@@ -244,7 +244,16 @@ def test_non_stream_requests_are_passed_through_unrecorded(
     assert http.get("/v1/streams").json()["streams"] == []
 
 
-@pytest.mark.parametrize("body", [b"{oops", b"[1, 2]", b""])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{oops",
+        b"[1, 2]",
+        b"",
+        # Regression: RecursionError passed the 400 and became a 500.
+        b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
 def test_bad_request_body_is_400_in_openai_shape(http: httpx.Client, body: bytes) -> None:
     response = http.post("/v1/responses", content=body)
     assert response.status_code == 400
