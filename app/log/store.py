@@ -152,9 +152,8 @@ class _RunningState:
         self, info: StreamInfo, producers: dict[str, ProducerState], now: datetime
     ) -> None:
         self.info = info
-        idle = info.idle_timeout_seconds
         # Once per batch, not per event: every write moves the deadline to the same time.
-        self.abandon_after_write = now + timedelta(seconds=idle) if idle is not None else None
+        self.abandon_after_write = abandon_after_write(info, now)
         self.last_seq, self.status, self.abandon_at = info.last_seq, info.status, info.abandon_at
         self.writer_seq, self.closed_by = info.writer_seq, info.closed_by
         self.producers = producers
@@ -312,6 +311,33 @@ def expiry(info: StreamInfo, accessed_at: datetime) -> datetime | None:
     return min(limits, default=None)
 
 
+# How much later than its idle timeout a silent stream may be ended: a tenth of
+# the timeout, at most a minute.
+ABANDON_SLACK_SHARE = 0.1
+ABANDON_SLACK_MAX_SECONDS = 60.0
+
+
+def abandon_after_write(info: StreamInfo, now: datetime) -> datetime | None:
+    """The abandon_at of an open stream written at `now`: never before its idle
+    timeout has passed since this write.
+
+    The deadline moves only once the stored one falls short, and then by a
+    slack more, so a producer that keeps writing changes the row's indexed
+    abandon_at once per slack rather than on every append: with 100 streams
+    each append updated that index, SQLite's most expensive part of a row's
+    update, and Postgres could never update the row in place (HOT). A silent
+    stream is ended up to the slack late, never early.
+    """
+    idle = info.idle_timeout_seconds
+    if idle is None:
+        return None
+    due = now + timedelta(seconds=idle)
+    if info.abandon_at is not None and info.abandon_at >= due:
+        return info.abandon_at
+    slack = min(idle * ABANDON_SLACK_SHARE, ABANDON_SLACK_MAX_SECONDS)
+    return due + timedelta(seconds=slack)
+
+
 def _advance(
     info: StreamInfo, events: list[Event], now: datetime, extra: dict[str, object] | None = None
 ) -> tuple[StreamInfo, tuple[str, ...]]:
@@ -328,7 +354,7 @@ def _advance(
             err = last.as_error()
             changes.update(error_status=str(err.status), error_message=err.message)
     elif info.idle_timeout_seconds is not None:
-        changes["abandon_at"] = now + timedelta(seconds=info.idle_timeout_seconds)
+        changes["abandon_at"] = abandon_after_write(info, now)
     advanced = with_changes(info, changes)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
     # Set in place: the row was made just above and nobody holds it yet (a second

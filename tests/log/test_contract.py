@@ -516,6 +516,32 @@ async def test_a_write_resets_the_idle_clock(manager: StreamManager, clock: Fake
     assert (await manager.info("s")).is_open
 
 
+async def test_a_writing_stream_moves_its_idle_deadline_once_per_slack_and_never_early(
+    make_manager: ManagerFactory, clock: FakeClock
+) -> None:
+    """Writes move abandon_at only when it falls short of the idle timeout, then
+    a tenth of it further (store.abandon_after_write): the row's indexed column
+    changes once per slack, not on every append, and a silent stream ends at
+    most that slack late."""
+    manager = make_manager(idle_timeout_seconds=600)
+    await manager.start()
+    writer = await manager.open("s")
+    opened = (await manager.info("s")).abandon_at
+    clock.advance(100)
+    await writer.write("a")
+    moved = (await manager.info("s")).abandon_at
+    assert opened is not None and moved is not None
+    assert (moved - opened).total_seconds() == 100 + 60
+    for _ in range(5):  # within the slack: the row's deadline stays put
+        clock.advance(10)
+        await writer.write("b")
+        assert (await manager.info("s")).abandon_at == moved
+    clock.advance(599)  # 599 s after the last write: not before the idle timeout
+    assert (await manager.sweep()).abandoned == 0
+    clock.advance(12)  # past the stored deadline, 611 s after the last write
+    assert (await manager.sweep()).abandoned_ids == ["s"]
+
+
 async def test_stream_without_idle_timeout_is_never_abandoned(
     manager: StreamManager, clock: FakeClock
 ) -> None:
