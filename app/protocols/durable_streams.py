@@ -35,6 +35,7 @@ from litestar import Request, Router, route
 from litestar.exceptions import HTTPException
 from litestar.response.base import ASGIResponse
 from litestar.response.streaming import ASGIStreamingResponse
+from litestar.types import ASGIApp, HTTPResponseBodyEvent, Receive, Scope, Send
 
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import (
@@ -116,7 +117,7 @@ def durable_streams_router() -> Router:
     http_method=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"],
     include_in_schema=False,
 )
-async def stream_endpoint(request: Request[Any, Any, Any]) -> ASGIResponse:
+async def stream_endpoint(request: Request[Any, Any, Any]) -> ASGIApp:
     """Every operation on one stream; bad input answers 4xx, never 500."""
     handler = HANDLERS[request.method]
     try:
@@ -165,6 +166,32 @@ def respond(
     if content_type is not None:
         merged["content-type"] = content_type
     return ASGIResponse(body=body, status_code=status, headers=merged)
+
+
+class Bodiless:
+    """An answer without a body (an append's 204, a producer's 200), as its two
+    ASGI messages: ASGIResponse builds a header map and encodes it again when
+    sent, 4 µs of an append's CPU, for the same bytes."""
+
+    __slots__ = ("_start",)
+
+    def __init__(self, status: int, headers: dict[str, str]) -> None:
+        encoded = [*_PROTOCOL_HEADERS_ENCODED]
+        for name, value in headers.items():
+            encoded.append((name.encode("latin-1"), value.encode("latin-1")))
+        if status != 204:
+            encoded.append((b"content-length", b"0"))
+        self._start = {"type": "http.response.start", "status": status, "headers": encoded}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(self._start)  # type: ignore[arg-type]
+        await send(_NO_BODY)
+
+
+_PROTOCOL_HEADERS_ENCODED = tuple(
+    (name.encode("latin-1"), value.encode("latin-1")) for name, value in PROTOCOL_HEADERS.items()
+)
+_NO_BODY: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 def tail_seq(info: StreamInfo) -> int:
@@ -747,7 +774,7 @@ APPEND_HEADERS = frozenset(
 )
 
 
-async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIResponse:
+async def handle_post(request: Request[Any, Any, Any], call: Call) -> ASGIApp:
     headers = header_values(request, APPEND_HEADERS)
     claim = parse_producer(headers)
     body = await read_body(request)
@@ -830,7 +857,7 @@ async def append_body(
     closing: bool,
     claim: ProducerClaim | None,
     writer_seq: str | None,
-) -> ASGIResponse:
+) -> ASGIApp:
     if info.is_open and media_type(content_type or "") != media_type(info.content_type):
         raise ProtocolError(409, f"stream {call.stream_id!r} holds {info.content_type}")
     append = payload_append(call.stream_id, info, body, closing)
@@ -845,8 +872,8 @@ async def append_body(
         **closed_headers(result.status is not StreamStatus.OPEN and (closing or result.duplicate)),
     }
     if result.duplicate:
-        return respond(204, headers)
-    return respond(200 if claim else 204, headers)
+        return Bodiless(204, headers)
+    return Bodiless(200 if claim else 204, headers)
 
 
 def payload_append(stream_id: str, info: StreamInfo, body: bytes, closing: bool) -> AppendRequest:

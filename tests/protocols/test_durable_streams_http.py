@@ -226,3 +226,24 @@ def test_a_live_sse_response_keeps_alive_while_idle_and_ends_after_its_deadline(
     assert ("data", '[{"n":1}]') in events
     assert kinds.count("control") >= 5  # the first, keep-alives, and the data's own
     assert all('"upToDate":true' in data for kind, data in events if kind == "control")
+
+
+def test_append_answers_carry_the_protocol_headers(base: str) -> None:
+    """Appends answer with their own bodiless response (durable_streams.Bodiless),
+    not ASGIResponse: the same headers as every other answer of the protocol."""
+    url = f"{base}/answers"
+    text = {"content-type": "text/plain"}
+    httpx.put(url, headers=text)
+    plain = httpx.post(url, content=b"a", headers=text)
+    producer = {"producer-id": "p", "producer-epoch": "0", "producer-seq": "0"}
+    claimed = httpx.post(url, content=b"b", headers={**text, **producer})
+    retried = httpx.post(url, content=b"b", headers={**text, **producer})
+    for response, status in ((plain, 204), (claimed, 200), (retried, 204)):
+        assert response.status_code == status
+        assert response.content == b""
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["cross-origin-resource-policy"] == "cross-origin"
+        assert response.headers["stream-next-offset"]
+    assert claimed.headers["content-length"] == "0"
+    assert (claimed.headers["producer-epoch"], claimed.headers["producer-seq"]) == ("0", "0")
+    assert httpx.get(url).content == b"ab"
