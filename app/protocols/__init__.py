@@ -51,7 +51,8 @@ async def read_body(request: Request) -> bytes:  # type: ignore[type-arg]
     413 past it, a 500 to nobody if the client left), straight from the server.
 
     `request.body()` builds the request's header map and an async generator
-    per request: 7 % of a served append's CPU, where this costs 1 %.
+    per request: with header_values, an append cost 6 µs less of its 78, in
+    process.
     """
     limit = request.route_handler.resolve_request_max_body_size() or math.inf
     for name, value in request.scope["headers"]:
