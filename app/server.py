@@ -275,8 +275,8 @@ def skip_cors_without_origin(app: Litestar) -> None:
     """
     cors: Any = app.asgi_handler
     behind = getattr(cors, "app", None)
-    if behind is None or not hasattr(cors, "config"):
-        return  # not the CORS middleware of the Litestar versions we know: leave it
+    if type(cors).__name__ != "CORSMiddleware" or behind is None:
+        return  # not built as in the Litestar versions we know: leave it as it is
 
     async def cors_for_browsers(scope: Scope, receive: Receive, send: Send) -> None:
         for name, _ in scope["headers"]:
