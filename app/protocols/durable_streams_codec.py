@@ -180,6 +180,8 @@ def parse_sub_offset(value: str | None) -> int:
 
 
 PRODUCER_HEADER_NAMES = ("producer-id", "producer-epoch", "producer-seq")
+# The same as ASGI scopes carry them (app.protocols.header_values).
+PRODUCER_HEADER_KEYS = frozenset(name.encode() for name in PRODUCER_HEADER_NAMES)
 
 
 def parse_producer(headers: Mapping[str, str]) -> ProducerClaim | None:

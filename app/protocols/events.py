@@ -38,7 +38,7 @@ from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, Stream
 from app.log.api import AppendRequest, NotJson, decode_json, encode_json
 from app.protocols import header_values, manager_of, read_body
 from app.protocols.durable_streams_codec import (
-    PRODUCER_HEADER_NAMES,
+    PRODUCER_HEADER_KEYS,
     ProtocolError,
     parse_producer,
 )
@@ -55,7 +55,6 @@ MAX_BATCH = 1000
 MAX_LISTED = 500
 # Who appends, for the metrics (appends by origin).
 ORIGIN = "events"
-PRODUCER_KEYS = frozenset(name.encode() for name in PRODUCER_HEADER_NAMES)
 
 
 # -- errors and input ----------------------------------------------------------------
@@ -462,7 +461,7 @@ async def append(request: Request, stream_id: str, events: list[NewEvent]) -> Ap
     ones; a seq must follow the last one accepted.
     """
     try:
-        claim = parse_producer(header_values(request, PRODUCER_KEYS))
+        claim = parse_producer(header_values(request, PRODUCER_HEADER_KEYS))
     except ProtocolError as exc:
         raise invalid(exc.message) from None
     appended = AppendRequest(stream_id, events, origin=ORIGIN, producer=claim)

@@ -229,7 +229,7 @@ def test_a_live_sse_response_keeps_alive_while_idle_and_ends_after_its_deadline(
 
 
 def test_append_answers_carry_the_protocol_headers(base: str) -> None:
-    """Appends answer with their own bodiless response (durable_streams.Bodiless),
+    """Answers without a body (appends, a delete) are durable_streams.Bodiless,
     not ASGIResponse: the same headers as every other answer of the protocol."""
     url = f"{base}/answers"
     text = {"content-type": "text/plain"}
@@ -247,3 +247,6 @@ def test_append_answers_carry_the_protocol_headers(base: str) -> None:
     assert claimed.headers["content-length"] == "0"
     assert (claimed.headers["producer-epoch"], claimed.headers["producer-seq"]) == ("0", "0")
     assert httpx.get(url).content == b"ab"
+    deleted = httpx.delete(url)
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert deleted.headers["x-content-type-options"] == "nosniff"
