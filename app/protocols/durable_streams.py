@@ -51,7 +51,7 @@ from app.log import (
     StreamManager,
     StreamStatus,
 )
-from app.protocols import closing_body, header_values, manager_of, read_body
+from app.protocols import app_state, closing_body, header_values, manager_of, read_body
 from app.protocols.durable_streams_codec import (
     DEFAULT_CONTENT_TYPE,
     PRODUCER_HEADER_KEYS,
@@ -148,7 +148,7 @@ class Call:
             raise bad_request("the stream path is empty")
         if stream_id.split("/", 1)[0] == RESERVED_SEGMENT:
             raise ProtocolError(501, "the reserved subscription APIs (__ds) are not implemented")
-        timeout = float(request.app.state.settings.long_poll_timeout)
+        timeout = float(app_state(request, "settings").long_poll_timeout)
         return cls(manager_of(request), stream_id, timeout)
 
 

@@ -36,7 +36,7 @@ from app.config import Settings
 from app.errors import Status, StreamError, http_status, retry_headers
 from app.log import AppendResult, Event, EventKind, NewEvent, StreamInfo, StreamStatus
 from app.log.api import AppendRequest, NotJson, decode_json, encode_json
-from app.protocols import header_values, manager_of, read_body
+from app.protocols import app_state, header_values, manager_of, read_body
 from app.protocols.durable_streams_codec import (
     PRODUCER_HEADER_KEYS,
     ProtocolError,
@@ -276,8 +276,7 @@ async def sse_body(
 
 
 def settings_of(request: Request) -> Settings:  # type: ignore[type-arg]
-    settings: Settings = request.app.state.settings
-    return settings
+    return app_state(request, "settings")  # type: ignore[no-any-return]
 
 
 # -- handlers ----------------------------------------------------------------------------
