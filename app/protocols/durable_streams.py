@@ -109,7 +109,7 @@ CACHEABLE = "public, max-age=60, stale-while-revalidate=300"
 
 
 def durable_streams_router() -> Router:
-    return Router(path=PREFIX, route_handlers=[stream_endpoint])
+    return Router(path=PREFIX, route_handlers=[stream_endpoint], middleware=[answer_directly])
 
 
 @route(
@@ -118,7 +118,37 @@ def durable_streams_router() -> Router:
     include_in_schema=False,
 )
 async def stream_endpoint(request: Request[Any, Any, Any]) -> ASGIApp:
-    """Every operation on one stream; bad input answers 4xx, never 500."""
+    """Every operation on one stream; bad input answers 4xx, never 500.
+
+    The route Litestar matches (methods, path parameter, template: what
+    authorization reads), answered by answer_directly.
+    """
+    return await answer_to(request)
+
+
+def answer_directly(app: ASGIApp) -> ASGIApp:
+    """The route's middleware that answers its requests itself, once Litestar
+    has routed them and the app's middlewares (access log, authorization,
+    stall guard) have run, skipping Litestar's handler pipeline.
+
+    That pipeline (the handler's kwargs checked by a signature model, an
+    exit stack, the response conversion) is there for handlers that take
+    parameters and return data; this one takes the request and answers with
+    an ASGI app already. Skipping it took 16-18 µs off an append's 136-156 in
+    process, alternating builds. An ASGI route would be the framework's way,
+    but Litestar 2.25's router cannot hand an ASGI route's path parameter to
+    an HTTP request: it looks the parameters up by method (KeyError: 'POST').
+    """
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        request: Request[Any, Any, Any] = Request(scope, receive, send)
+        response = await answer_to(request)
+        await response(scope, receive, send)
+
+    return answer
+
+
+async def answer_to(request: Request[Any, Any, Any]) -> ASGIApp:
     handler = HANDLERS[request.method]
     try:
         return await handler(request, Call.of(request))

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from litestar.routes import HTTPRoute
 
 from app.protocols import durable_streams
 from tests.conftest import ServerFactory
@@ -250,3 +251,29 @@ def test_append_answers_carry_the_protocol_headers(base: str) -> None:
     deleted = httpx.delete(url)
     assert (deleted.status_code, deleted.content) == (204, b"")
     assert deleted.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_route_is_answered_past_litestars_handler_pipeline_after_the_apps_middlewares(
+    live_server: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """durable_streams.answer_directly answers the route's requests: Litestar's
+    handler pipeline never runs for them, while routing (405 for other
+    methods), the access log's metrics and authorization still do."""
+
+    async def pipeline(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("Litestar's handler pipeline ran")
+
+    monkeypatch.setattr(HTTPRoute, "_call_handler_function", pipeline)
+    server = live_server(api_keys="admin-key-0123456789:admin")
+    key = {"authorization": "Bearer admin-key-0123456789"}
+    url = f"{server.url}/v1/stream/direct"
+    assert httpx.put(url, headers={**JSON, **key}).status_code == 201
+    assert httpx.post(url, json=[1], headers=key).status_code == 204
+    assert httpx.get(url, params={"offset": "-1"}, headers=key).json() == [1]
+    assert httpx.post(url, json=[2]).status_code == 401  # authorization ran first
+    assert httpx.patch(url, headers=key).status_code == 405  # routing ran first
+    # The patch is in effect: a route of another protocol goes through the pipeline.
+    assert httpx.get(f"{server.url}/v1/streams/direct", headers=key).status_code == 500
+    monkeypatch.undo()
+    metrics = httpx.get(f"{server.url}/metrics", headers=key).text
+    assert 'method="POST",route="/v1/stream/{path}",status="204"' in metrics
