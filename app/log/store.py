@@ -160,7 +160,10 @@ class _RunningState:
         self.changed: dict[str, ProducerState] = {}
 
     def row_changes(self) -> dict[str, object]:
-        return {"writer_seq": self.writer_seq, "closed_by": self.closed_by}
+        changes: dict[str, object] = {"writer_seq": self.writer_seq, "closed_by": self.closed_by}
+        if self.abandon_after_write is not None:  # computed once for the batch: not again
+            changes["abandon_at"] = self.abandon_after_write
+        return changes
 
     def apply(self, request: AppendRequest, now: datetime) -> AppendOutcome:
         if request.created_at is not None and request.created_at != self.info.created_at:
@@ -354,7 +357,7 @@ def _advance(
         elif last.kind is EventKind.ERROR:
             err = last.as_error()
             changes.update(error_status=str(err.status), error_message=err.message)
-    elif info.idle_timeout_seconds is not None:
+    elif info.idle_timeout_seconds is not None and "abandon_at" not in changes:
         changes["abandon_at"] = abandon_after_write(info, now)
     advanced = with_changes(info, changes)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
