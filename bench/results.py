@@ -45,9 +45,10 @@ class Result:
     # The key of another result of this run that `value` is divided by.
     ratio_to: str | None = None
     ratio: float | None = None
-    # Another ceiling of the run that does this case's work by hand (e.g. raw
-    # commits of 16 rows for 16 writers that each await theirs): how close the
-    # case comes to it is added to the note, beside the target's ratio.
+    # Another ceiling of the run that does this case's work by hand (e.g. 16
+    # writers that each await their commit, with nothing but asyncio around the
+    # raw statements): how close the case comes to it is added to the note,
+    # beside the target's ratio.
     same_work_to: str | None = None
     same_work_ratio: float | None = None
     targets: list[Target] = field(default_factory=list)
@@ -84,7 +85,7 @@ def resolve(results: list[Result]) -> None:
         same = by_key.get(result.same_work_to or "")
         if same is not None and same.value and result.value is not None:
             result.same_work_ratio = result.value / same.value
-            mark = f"{result.same_work_ratio:.2f} of the raw loop doing the same work"
+            mark = f"{result.same_work_ratio:.2f} of {same.key}, the same work by hand"
             result.note = f"{result.note}; {mark}" if result.note else mark
         if result.targets and result.status == "ok":
             verdicts = [t.check(result) for t in result.targets]

@@ -54,7 +54,7 @@ def check_result(result: dict[str, Any]) -> None:
         assert result["ratio"] is not None, result
     if result["same_work_to"] is not None and result["value"] is not None:
         assert result["same_work_ratio"] is not None, result
-        assert "of the raw loop doing the same work" in result["note"], result
+        assert f"of {result['same_work_to']}, the same work by hand" in result["note"], result
 
 
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -76,6 +76,8 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
         "db-ceiling/batched",
         "db-ceiling/16-rows",
         "db-ceiling/100-streams",
+        "db-ceiling/16-rows-awaited",
+        "db-ceiling/100-streams-awaited",
         "append/pipelined-1",
         "append/writers16-1",
         "append/writers100-100",

@@ -18,8 +18,8 @@ from app.log import Event, StreamManager, StreamWriter, create_manager
 from bench.context import Context
 from bench.results import Result, Target
 from bench.scenarios.ceilings import (
-    RAW_16_ROWS_KEY,
-    RAW_100_STREAMS_KEY,
+    AWAITED_16_ROWS_KEY,
+    AWAITED_100_STREAMS_KEY,
     RAW_BATCHED_KEY,
     RAW_SINGLE_KEY,
 )
@@ -66,7 +66,7 @@ class _Case(NamedTuple):
     writers: list[StreamWriter]
     producer: Producer
     ratio_to: str = RAW_BATCHED_KEY
-    # The raw loop of db-ceiling that does the same work (see Result.same_work_to).
+    # The db-ceiling loop whose writers await the same commits (see Result.same_work_to).
     same_work_to: str | None = None
 
 
@@ -95,7 +95,7 @@ async def run(ctx: Context) -> list[Result]:
                 "writers16-1",
                 one * 16,
                 _sequential,
-                same_work_to=RAW_16_ROWS_KEY,
+                same_work_to=AWAITED_16_ROWS_KEY,
             ),
             _Case("100 writers, 1 stream", "writers100-1", one * 100, _sequential),
             _Case(
@@ -103,7 +103,7 @@ async def run(ctx: Context) -> list[Result]:
                 "writers100-100",
                 hundred,
                 _sequential,
-                same_work_to=RAW_100_STREAMS_KEY,
+                same_work_to=AWAITED_100_STREAMS_KEY,
             ),
             _Case("pipelined send(), 100 streams", "pipelined-100", hundred, _pipelined),
         ]

@@ -12,13 +12,21 @@
   commit also moving the streams' rows as an append does. Concurrent writers
   cannot put more in a commit than there are writers, so this is their limit;
   the batched loop is the target's.
+* That same work once more, by that many writers that each await their commit
+  through the least asyncio they need: one queue, one committer task, a
+  future per append, and none of the log's own work (no rows read or planned,
+  no checks). What is left of a writer's cycle there is what asyncio and the
+  database cost together, the bound of any asyncio log's awaiting writers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import count
 
@@ -50,10 +58,40 @@ RAW_SINGLE_KEY = "db-ceiling/single"
 RAW_BATCHED_KEY = "db-ceiling/batched"
 RAW_16_ROWS_KEY = "db-ceiling/16-rows"
 RAW_100_STREAMS_KEY = "db-ceiling/100-streams"
-# (key, case, streams, rows into each per commit)
+AWAITED_16_ROWS_KEY = "db-ceiling/16-rows-awaited"
+AWAITED_100_STREAMS_KEY = "db-ceiling/100-streams-awaited"
+
+
+@dataclass(frozen=True)
+class SameWork:
+    """What writers that each await their commit put in one commit, done by hand."""
+
+    key: str
+    case: str
+    streams: int
+    rows_each: int  # rows into each stream per commit: the writers per stream
+    awaited_key: str  # the same commits, made by that many awaiting writers
+
+    @property
+    def writers(self) -> int:
+        return self.streams * self.rows_each
+
+
 SAME_WORK = (
-    (RAW_16_ROWS_KEY, "16 rows into 1 stream + its row, per commit", 1, 16),
-    (RAW_100_STREAMS_KEY, "1 row into each of 100 streams + their rows, per commit", 100, 1),
+    SameWork(
+        RAW_16_ROWS_KEY,
+        "16 rows into 1 stream + its row, per commit",
+        1,
+        16,
+        AWAITED_16_ROWS_KEY,
+    ),
+    SameWork(
+        RAW_100_STREAMS_KEY,
+        "1 row into each of 100 streams + their rows, per commit",
+        100,
+        1,
+        AWAITED_100_STREAMS_KEY,
+    ),
 )
 
 
@@ -101,14 +139,18 @@ def _rows(stream_id: str, created_at: object) -> Iterator[tuple[object, ...]]:
 
 async def db_ceiling(ctx: Context) -> list[Result]:
     seconds = ctx.size(3.0, 0.2)
+    same_work: list[float] = []
+    awaited: list[float] = []
     if ctx.db == "sqlite":
         single, batched = _sqlite_raw(ctx.database_url, seconds)
-        same_work = [_sqlite_same_work(ctx.database_url, seconds, s, r) for *_, s, r in SAME_WORK]
+        for work in SAME_WORK:
+            same_work.append(_sqlite_same_work(ctx.database_url, seconds, work))
+            awaited.append(await _sqlite_awaited(ctx.database_url, seconds, work))
     else:
         single, batched = await _postgres_raw(ctx.database_url, seconds)
-        same_work = [
-            await _postgres_same_work(ctx.database_url, seconds, s, r) for *_, s, r in SAME_WORK
-        ]
+        for work in SAME_WORK:
+            same_work.append(await _postgres_same_work(ctx.database_url, seconds, work))
+            awaited.append(await _postgres_awaited(ctx.database_url, seconds, work))
     # A durable append waits for a commit: the 1-row loop's commit times are the
     # floor of any append-to-reader latency (a stalled WAL flush shows in p99).
     rate, commit_ms = single
@@ -135,10 +177,24 @@ async def db_ceiling(ctx: Context) -> list[Result]:
             note=durability,
         ),
         *(
-            Result(DB_SCENARIO, case, key, value=rows, unit="rows/s", note=durability)
-            for (key, case, *_), rows in zip(SAME_WORK, same_work, strict=True)
+            Result(DB_SCENARIO, work.case, work.key, value=rows, unit="rows/s", note=durability)
+            for work, rows in zip(SAME_WORK, same_work, strict=True)
         ),
+        *(_awaited_result(work, rows) for work, rows in zip(SAME_WORK, awaited, strict=True)),
     ]
+
+
+def _awaited_result(work: SameWork, rows_per_second: float) -> Result:
+    return Result(
+        DB_SCENARIO,
+        f"the same, made by {work.writers} writers each awaiting its commit (bare asyncio)",
+        work.awaited_key,
+        value=rows_per_second,
+        unit="rows/s",
+        ratio_to=RAW_BATCHED_KEY,
+        same_work_to=work.key,
+        note="one queue, one committer task, a future per append; no planning, no checks",
+    )
 
 
 INSERT_SQLITE = (
@@ -238,52 +294,180 @@ async def _postgres_raw(url: str, seconds: float) -> RawRates:
         await conn.close()
 
 
-def _sqlite_same_work(url: str, seconds: float, streams: int, rows_each: int) -> float:
+# One commit of the same-work loops: each stream's new last_seq, then the rows
+# (stream, seq) to insert.
+Batch = tuple[dict[str, int], list[tuple[str, int]]]
+
+
+def _batches(ids: list[str], rows_each: int) -> Iterator[Batch]:
+    for last_seq in count(rows_each, rows_each):
+        first = last_seq - rows_each + 1
+        rows = [(stream_id, seq) for stream_id in ids for seq in range(first, last_seq + 1)]
+        yield dict.fromkeys(ids, last_seq), rows
+
+
+def _same_work_ids(work: SameWork, run: str) -> list[str]:
+    return [f"{RAW_STREAM}-{run}-{work.streams}x{work.rows_each}-{i}" for i in range(work.streams)]
+
+
+def _sqlite_writer(url: str, ids: list[str]) -> tuple[sqlite3.Connection, Callable[[Batch], None]]:
+    """A connection with `ids` created, and what commits one batch on it."""
+    conn = _sqlite_connect(url)
+    now = _sqlite_now()
+    for stream_id in ids:
+        conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
+
+    def commit(batch: Batch) -> None:
+        moved, rows = batch
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(MOVE_STREAM_SQLITE, [(q, now, now, s) for s, q in moved.items()])
+        conn.executemany(
+            INSERT_SQLITE, [(s, q, "chunk", None, SMALL_EVENT_BYTES, now) for s, q in rows]
+        )
+        conn.execute("COMMIT")
+
+    return conn, commit
+
+
+def _sqlite_same_work(url: str, seconds: float, work: SameWork) -> float:
     """Rows per second: each commit inserts `rows_each` rows into every one of
     `streams` streams and moves their rows, in one transaction."""
-    conn = _sqlite_connect(url)
+    ids = _same_work_ids(work, "loop")
+    conn, commit = _sqlite_writer(url, ids)
     try:
-        now = _sqlite_now()
-        ids = [f"{RAW_STREAM}-{streams}x{rows_each}-{i}" for i in range(streams)]
-        for stream_id in ids:
-            conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
-        last_seq, written = 0, 0
-        started, running = time.perf_counter(), until(seconds)
+        batches = _batches(ids, work.rows_each)
+        written, started, running = 0, time.perf_counter(), until(seconds)
         while running():
-            rows = [
-                (stream_id, last_seq + i, "chunk", None, SMALL_EVENT_BYTES, now)
-                for stream_id in ids
-                for i in range(1, rows_each + 1)
-            ]
-            last_seq += rows_each
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(MOVE_STREAM_SQLITE, [(last_seq, now, now, s) for s in ids])
-            conn.executemany(INSERT_SQLITE, rows)
-            conn.execute("COMMIT")
-            written += len(rows)
+            batch = next(batches)
+            commit(batch)
+            written += len(batch[1])
         return written / (time.perf_counter() - started)
     finally:
         conn.close()
 
 
-async def _postgres_same_work(url: str, seconds: float, streams: int, rows_each: int) -> float:
+async def _sqlite_awaited(url: str, seconds: float, work: SameWork) -> float:
+    """As _sqlite_same_work, by writers that each await their commit; the commit
+    runs on the event loop's thread, as the service's does when the lock is free."""
+    ids = _same_work_ids(work, "awaited")
+    conn, commit = _sqlite_writer(url, ids)
+
+    async def commit_here(batch: Batch) -> None:
+        commit(batch)
+
+    try:
+        return await _awaited_rate(commit_here, ids, work.rows_each, seconds)
+    finally:
+        conn.close()
+
+
+async def _postgres_writer(
+    conn: asyncpg.Connection, ids: list[str]
+) -> Callable[[Batch], Awaitable[None]]:
+    """What commits one batch on `conn` (one statement in autocommit), `ids` created."""
+    now = datetime.now(UTC)
+    for stream_id in ids:
+        await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
+    statement = await conn.prepare(MOVE_AND_INSERT_POSTGRES)
+
+    async def commit(batch: Batch) -> None:
+        moved, rows = batch
+        await statement.fetch(
+            list(moved),
+            list(moved.values()),
+            now,
+            [s for s, _ in rows],
+            [q for _, q in rows],
+            [SMALL_EVENT_BYTES] * len(rows),
+        )
+
+    return commit
+
+
+async def _postgres_same_work(url: str, seconds: float, work: SameWork) -> float:
     """As _sqlite_same_work, each commit one statement in autocommit."""
     conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
     try:
-        now = datetime.now(UTC)
-        ids = [f"{RAW_STREAM}-{streams}x{rows_each}-{i}" for i in range(streams)]
-        for stream_id in ids:
-            await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
-        statement = await conn.prepare(MOVE_AND_INSERT_POSTGRES)
-        row_ids = [stream_id for stream_id in ids for _ in range(rows_each)]
-        payloads = [SMALL_EVENT_BYTES] * len(row_ids)
-        last_seq, written = 0, 0
-        started, running = time.perf_counter(), until(seconds)
+        ids = _same_work_ids(work, "loop")
+        commit = await _postgres_writer(conn, ids)
+        batches = _batches(ids, work.rows_each)
+        written, started, running = 0, time.perf_counter(), until(seconds)
         while running():
-            seqs = [last_seq + i for _ in ids for i in range(1, rows_each + 1)]
-            last_seq += rows_each
-            await statement.fetch(ids, [last_seq] * streams, now, row_ids, seqs, payloads)
-            written += len(seqs)
+            batch = next(batches)
+            await commit(batch)
+            written += len(batch[1])
         return written / (time.perf_counter() - started)
     finally:
         await conn.close()
+
+
+async def _postgres_awaited(url: str, seconds: float, work: SameWork) -> float:
+    conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
+    try:
+        ids = _same_work_ids(work, "awaited")
+        commit = await _postgres_writer(conn, ids)
+        return await _awaited_rate(commit, ids, work.rows_each, seconds)
+    finally:
+        await conn.close()
+
+
+class _BareGroupCommit:
+    """Group commit with nothing but asyncio around the database: appends queue
+    with a future each, and one task commits whatever is queued when it runs."""
+
+    def __init__(self, commit: Callable[[Batch], Awaitable[None]], ids: list[str]) -> None:
+        self._commit = commit
+        self._last_seq = dict.fromkeys(ids, 0)
+        self._queued: list[tuple[str, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+
+    async def append(self, stream_id: str) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((stream_id, future))
+        self._wake.set()
+        await future
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queued, self._queued = self._queued, []
+            if not queued:
+                continue
+            rows = []
+            for stream_id, _ in queued:
+                self._last_seq[stream_id] += 1
+                rows.append((stream_id, self._last_seq[stream_id]))
+            try:
+                await self._commit(({s: self._last_seq[s] for s, _ in rows}, rows))
+            except BaseException as exc:
+                for _, future in queued:
+                    future.set_exception(exc)
+                raise
+            for _, future in queued:
+                future.set_result(None)
+
+
+async def _awaited_rate(
+    commit: Callable[[Batch], Awaitable[None]], ids: list[str], writers_each: int, seconds: float
+) -> float:
+    """Appends per second by `writers_each` writers per stream, each awaiting its commit."""
+    group = _BareGroupCommit(commit, ids)
+    committer = asyncio.create_task(group.run())
+    running = until(seconds)
+
+    async def writer(stream_id: str) -> int:
+        written = 0
+        while running():
+            await group.append(stream_id)
+            written += 1
+        return written
+
+    try:
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(writer(s) for s in ids for _ in range(writers_each)))
+        return sum(counts) / (time.perf_counter() - started)
+    finally:
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
