@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import msgspec
 
 from app.errors import StreamError
 from app.log.sql import NOTIFY_CHANNEL, SqlStore
@@ -197,10 +197,13 @@ class PostgresListener:
         self._task = None
 
 
+_decode_json = msgspec.json.Decoder().decode
+
+
 def _parse(payload: str) -> list[tuple[str, int]]:
     try:
-        entries = json.loads(payload)
+        entries = _decode_json(payload)
         return [(str(stream_id), int(seq)) for stream_id, seq in entries]
-    except (ValueError, TypeError):
+    except (ValueError, TypeError):  # msgspec.DecodeError is a ValueError
         log.warning("ignoring malformed notification %r", payload[:200])
         return []
