@@ -160,7 +160,12 @@ class _RunningState:
         self.changed: dict[str, ProducerState] = {}
 
     def row_changes(self) -> dict[str, object]:
-        changes: dict[str, object] = {"writer_seq": self.writer_seq, "closed_by": self.closed_by}
+        """What the batch changed of the row besides its seq and times."""
+        changes: dict[str, object] = {}
+        if self.writer_seq != self.info.writer_seq:
+            changes["writer_seq"] = self.writer_seq
+        if self.closed_by != self.info.closed_by:
+            changes["closed_by"] = self.closed_by
         if self.abandon_after_write is not None:  # computed once for the batch: not again
             changes["abandon_at"] = self.abandon_after_write
         return changes
@@ -302,15 +307,22 @@ def _seq_gap(claim: ProducerClaim, expected: int) -> StreamError:
     )
 
 
-def expiry(info: StreamInfo, accessed_at: datetime) -> datetime | None:
-    """When the stream is gone: the earliest of its retention limits, if any."""
+def expiry(
+    info: StreamInfo, accessed_at: datetime, finished_at: datetime | None = None
+) -> datetime | None:
+    """When the stream is gone: the earliest of its retention limits, if any.
+
+    `finished_at`, if given, is the finish time the row is about to get
+    (the row itself is built once, with the expiry this returns).
+    """
+    finished_at = finished_at or info.finished_at
     limits: list[datetime] = []
     if info.hard_expires_at is not None:
         limits.append(info.hard_expires_at)
     if info.idle_ttl_seconds is not None:
         limits.append(accessed_at + timedelta(seconds=info.idle_ttl_seconds))
-    if info.finished_at is not None and info.ttl_seconds is not None:
-        limits.append(info.finished_at + timedelta(seconds=info.ttl_seconds))
+    if finished_at is not None and info.ttl_seconds is not None:
+        limits.append(finished_at + timedelta(seconds=info.ttl_seconds))
     return min(limits, default=None)
 
 
@@ -359,17 +371,11 @@ def _advance(
             changes.update(error_status=str(err.status), error_message=err.message)
     elif info.idle_timeout_seconds is not None and "abandon_at" not in changes:
         changes["abandon_at"] = abandon_after_write(info, now)
-    advanced = with_changes(info, changes)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
-    # Set in place: the row was made just above and nobody holds it yet (a second
-    # copy was a third of planning a commit).
-    expires_at = expiry(advanced, now)
-    object.__setattr__(advanced, "expires_at", expires_at)
+    changes["expires_at"] = expiry(info, now, cast("datetime | None", changes.get("finished_at")))
     # Only these can differ from `info`: a store writes them and nothing else.
-    columns = [name for name, value in changes.items() if value != getattr(info, name)]
-    if expires_at != info.expires_at:
-        columns.append("expires_at")
-    return advanced, tuple(columns)
+    columns = tuple([name for name, value in changes.items() if value != getattr(info, name)])
+    return with_changes(info, changes), columns
 
 
 _ROW_FIELDS = tuple(f.name for f in fields(StreamInfo))
