@@ -16,7 +16,8 @@
   through the least asyncio they need: one queue, one committer task, a
   future per append, and none of the log's own work (no rows read or planned,
   no checks). What is left of a writer's cycle there is what asyncio and the
-  database cost together, the bound of any asyncio log's awaiting writers.
+  database cost together: about as far as any asyncio log's awaiting writers
+  can go.
 """
 
 from __future__ import annotations
