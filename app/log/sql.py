@@ -45,6 +45,7 @@ from app.log.api import (
     NewStream,
     StreamInfo,
     StreamStatus,
+    encode_json,
 )
 from app.log.db import is_sqlite, postgres_engine, sqlite_engine, sqlite_pragmas
 from app.log.driver_pool import DriverPool
@@ -753,9 +754,6 @@ SQLITE_HOT_SQL = HotSql([f"?{i}" for i in range(1, 8)], text_times=True)
 POSTGRES_HOT_SQL = HotSql([f"${i}" for i in range(1, 8)], text_times=False)
 
 
-_encode_json = msgspec.json.encode
-
-
 def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
     """JSON lists of [stream_id, last_seq], split to fit NOTIFY's payload limit.
 
@@ -767,7 +765,7 @@ def _notify_payloads(heads: list[tuple[str, int]]) -> list[str]:
     batch: list[bytes] = []
     size = 2  # the brackets
     for head in heads:
-        entry = _encode_json(head)
+        entry = encode_json(head)
         entry_size = len(entry) + 1  # and a comma
         if batch and size + entry_size > NOTIFY_PAYLOAD_LIMIT:
             payloads.append(_json_list(batch))

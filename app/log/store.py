@@ -362,7 +362,9 @@ def _advance(
     changes: dict[str, object] = {"last_seq": last.seq, "updated_at": now, "last_write_at": now}
     if extra:
         changes.update(extra)
+    finished_at = None
     if last.kind.is_terminal:
+        finished_at = now
         changes.update(status=STATUS_AFTER[last.kind], finished_at=now, abandon_at=None)
         if last.kind is EventKind.DONE:
             changes["output"] = last.payload
@@ -372,7 +374,7 @@ def _advance(
     elif info.idle_timeout_seconds is not None and "abandon_at" not in changes:
         changes["abandon_at"] = abandon_after_write(info, now)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
-    changes["expires_at"] = expiry(info, now, cast("datetime | None", changes.get("finished_at")))
+    changes["expires_at"] = expiry(info, now, finished_at)
     # Only these can differ from `info`: a store writes them and nothing else.
     columns = tuple([name for name, value in changes.items() if value != getattr(info, name)])
     return with_changes(info, changes), columns

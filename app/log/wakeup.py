@@ -13,9 +13,9 @@ import sqlite3
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-import msgspec
 
 from app.errors import StreamError
+from app.log.api import decode_json
 from app.log.sql import NOTIFY_CHANNEL, SqlStore
 from app.log.tasks import cancel_and_wait
 
@@ -197,13 +197,10 @@ class PostgresListener:
         self._task = None
 
 
-_decode_json = msgspec.json.Decoder().decode
-
-
 def _parse(payload: str) -> list[tuple[str, int]]:
     try:
-        entries = _decode_json(payload)
+        entries = decode_json(payload.encode())
         return [(str(stream_id), int(seq)) for stream_id, seq in entries]
-    except (ValueError, TypeError):  # msgspec.DecodeError is a ValueError
+    except (ValueError, TypeError):  # NotJson is a ValueError
         log.warning("ignoring malformed notification %r", payload[:200])
         return []

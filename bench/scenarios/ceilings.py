@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import count
@@ -144,14 +146,14 @@ async def db_ceiling(ctx: Context) -> list[Result]:
     awaited: list[float] = []
     if ctx.db == "sqlite":
         single, batched = _sqlite_raw(ctx.database_url, seconds)
-        for work in SAME_WORK:
-            same_work.append(_sqlite_same_work(ctx.database_url, seconds, work))
-            awaited.append(await _sqlite_awaited(ctx.database_url, seconds, work))
+        writer = functools.partial(_sqlite_writer, ctx.database_url)
     else:
         single, batched = await _postgres_raw(ctx.database_url, seconds)
-        for work in SAME_WORK:
-            same_work.append(await _postgres_same_work(ctx.database_url, seconds, work))
-            awaited.append(await _postgres_awaited(ctx.database_url, seconds, work))
+        writer = functools.partial(_postgres_writer, ctx.database_url)
+    for work in SAME_WORK:
+        loop_rate, awaited_rate = await _same_work(writer, work, seconds)
+        same_work.append(loop_rate)
+        awaited.append(awaited_rate)
     # A durable append waits for a commit: the 1-row loop's commit times are the
     # floor of any append-to-reader latency (a stalled WAL flush shows in p99).
     rate, commit_ms = single
@@ -311,112 +313,92 @@ def _same_work_ids(work: SameWork, run: str) -> list[str]:
     return [f"{RAW_STREAM}-{run}-{work.streams}x{work.rows_each}-{i}" for i in range(work.streams)]
 
 
-def _sqlite_writer(url: str, ids: list[str]) -> tuple[sqlite3.Connection, Callable[[Batch], None]]:
+# Commits one batch; the SQLite one runs it on the event loop's thread without
+# suspending, as the service's committer does when the write lock is free.
+Commit = Callable[[Batch], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
     """A connection with `ids` created, and what commits one batch on it."""
     conn = _sqlite_connect(url)
-    now = _sqlite_now()
-    for stream_id in ids:
-        conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
-
-    def commit(batch: Batch) -> None:
-        moved, rows = batch
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(MOVE_STREAM_SQLITE, [(q, now, now, s) for s, q in moved.items()])
-        conn.executemany(
-            INSERT_SQLITE, [(s, q, "chunk", None, SMALL_EVENT_BYTES, now) for s, q in rows]
-        )
-        conn.execute("COMMIT")
-
-    return conn, commit
-
-
-def _sqlite_same_work(url: str, seconds: float, work: SameWork) -> float:
-    """Rows per second: each commit inserts `rows_each` rows into every one of
-    `streams` streams and moves their rows, in one transaction."""
-    ids = _same_work_ids(work, "loop")
-    conn, commit = _sqlite_writer(url, ids)
     try:
-        batches = _batches(ids, work.rows_each)
-        written, started, running = 0, time.perf_counter(), until(seconds)
-        while running():
-            batch = next(batches)
-            commit(batch)
-            written += len(batch[1])
-        return written / (time.perf_counter() - started)
+        now = _sqlite_now()
+        for stream_id in ids:
+            conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
+
+        async def commit(batch: Batch) -> None:
+            moved, rows = batch
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(MOVE_STREAM_SQLITE, [(q, now, now, s) for s, q in moved.items()])
+            conn.executemany(
+                INSERT_SQLITE, [(s, q, "chunk", None, SMALL_EVENT_BYTES, now) for s, q in rows]
+            )
+            conn.execute("COMMIT")
+
+        yield commit
     finally:
         conn.close()
 
 
-async def _sqlite_awaited(url: str, seconds: float, work: SameWork) -> float:
-    """As _sqlite_same_work, by writers that each await their commit; the commit
-    runs on the event loop's thread, as the service's does when the lock is free."""
-    ids = _same_work_ids(work, "awaited")
-    conn, commit = _sqlite_writer(url, ids)
-
-    async def commit_here(batch: Batch) -> None:
-        commit(batch)
-
-    try:
-        return await _awaited_rate(commit_here, ids, work.rows_each, seconds)
-    finally:
-        conn.close()
-
-
-async def _postgres_writer(
-    conn: asyncpg.Connection, ids: list[str]
-) -> Callable[[Batch], Awaitable[None]]:
-    """What commits one batch on `conn` (one statement in autocommit), `ids` created."""
-    now = datetime.now(UTC)
-    for stream_id in ids:
-        await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
-    statement = await conn.prepare(MOVE_AND_INSERT_POSTGRES)
-
-    async def commit(batch: Batch) -> None:
-        moved, rows = batch
-        await statement.fetch(
-            list(moved),
-            list(moved.values()),
-            now,
-            [s for s, _ in rows],
-            [q for _, q in rows],
-            [SMALL_EVENT_BYTES] * len(rows),
-        )
-
-    return commit
-
-
-async def _postgres_same_work(url: str, seconds: float, work: SameWork) -> float:
-    """As _sqlite_same_work, each commit one statement in autocommit."""
+@contextlib.asynccontextmanager
+async def _postgres_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
+    """As _sqlite_writer: each commit one statement in autocommit."""
     conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
     try:
-        ids = _same_work_ids(work, "loop")
-        commit = await _postgres_writer(conn, ids)
-        batches = _batches(ids, work.rows_each)
-        written, started, running = 0, time.perf_counter(), until(seconds)
-        while running():
-            batch = next(batches)
-            await commit(batch)
-            written += len(batch[1])
-        return written / (time.perf_counter() - started)
+        now = datetime.now(UTC)
+        for stream_id in ids:
+            await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
+        statement = await conn.prepare(MOVE_AND_INSERT_POSTGRES)
+
+        async def commit(batch: Batch) -> None:
+            moved, rows = batch
+            await statement.fetch(
+                list(moved),
+                list(moved.values()),
+                now,
+                [s for s, _ in rows],
+                [q for _, q in rows],
+                [SMALL_EVENT_BYTES] * len(rows),
+            )
+
+        yield commit
     finally:
         await conn.close()
 
 
-async def _postgres_awaited(url: str, seconds: float, work: SameWork) -> float:
-    conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
-    try:
-        ids = _same_work_ids(work, "awaited")
-        commit = await _postgres_writer(conn, ids)
-        return await _awaited_rate(commit, ids, work.rows_each, seconds)
-    finally:
-        await conn.close()
+async def _same_work(
+    writer: Callable[[list[str]], AbstractAsyncContextManager[Commit]],
+    work: SameWork,
+    seconds: float,
+) -> tuple[float, float]:
+    """Rows per second of `work`'s commits made one after another by a loop,
+    then by as many writers as it has, each awaiting its commit."""
+    rates = []
+    for run, measure in (("loop", _loop_rate), ("awaited", _awaited_rate)):
+        ids = _same_work_ids(work, run)
+        async with writer(ids) as commit:
+            rates.append(await measure(commit, ids, work.rows_each, seconds))
+    return rates[0], rates[1]
+
+
+async def _loop_rate(commit: Commit, ids: list[str], rows_each: int, seconds: float) -> float:
+    """Each commit inserts `rows_each` rows into every one of `ids` and moves
+    their rows, in one transaction; nothing waits between two commits."""
+    batches = _batches(ids, rows_each)
+    written, started, running = 0, time.perf_counter(), until(seconds)
+    while running():
+        batch = next(batches)
+        await commit(batch)
+        written += len(batch[1])
+    return written / (time.perf_counter() - started)
 
 
 class _BareGroupCommit:
     """Group commit with nothing but asyncio around the database: appends queue
     with a future each, and one task commits whatever is queued when it runs."""
 
-    def __init__(self, commit: Callable[[Batch], Awaitable[None]], ids: list[str]) -> None:
+    def __init__(self, commit: Commit, ids: list[str]) -> None:
         self._commit = commit
         self._last_seq = dict.fromkeys(ids, 0)
         self._queued: list[tuple[str, asyncio.Future[None]]] = []
@@ -433,8 +415,6 @@ class _BareGroupCommit:
             await self._wake.wait()
             self._wake.clear()
             queued, self._queued = self._queued, []
-            if not queued:
-                continue
             rows = []
             for stream_id, _ in queued:
                 self._last_seq[stream_id] += 1
@@ -449,9 +429,7 @@ class _BareGroupCommit:
                 future.set_result(None)
 
 
-async def _awaited_rate(
-    commit: Callable[[Batch], Awaitable[None]], ids: list[str], writers_each: int, seconds: float
-) -> float:
+async def _awaited_rate(commit: Commit, ids: list[str], writers_each: int, seconds: float) -> float:
     """Appends per second by `writers_each` writers per stream, each awaiting its commit."""
     group = _BareGroupCommit(commit, ids)
     committer = asyncio.create_task(group.run())
