@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.dialects import postgresql
 
@@ -27,9 +27,9 @@ from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, streams
 from app.log.store import AppendOutcome, KeptRows, StreamPlan, plan_batch
 
 
-def _array_type(name: str) -> str:
+def _column_type(name: str) -> str:
     dialect: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
-    return f"{streams.c[name].type.compile(dialect=dialect)}[]"
+    return str(streams.c[name].type.compile(dialect=dialect))
 
 
 # ORDER BY id locks the rows in one order in every transaction: no deadlocks.
@@ -43,47 +43,68 @@ SELECT_PRODUCERS = (
 )
 
 
-@functools.cache
-def write_statement(columns: tuple[str, ...], guarded: bool) -> str:
+# The events' columns a commit sends, with their types (created_at is one value for all).
+EVENT_COLUMNS = (
+    ("stream_id", "text"),
+    ("seq", "bigint"),
+    ("kind", "text"),
+    ("type", "text"),
+    ("payload", "bytea"),
+    ("batch_end", "boolean"),
+)
+# The columns unnest() makes rows of: never sent once, so there is always an array.
+ROW_KEYS = frozenset({"id", "seq"})
+
+
+class WriteShape(NamedTuple):
+    """What write_statement needs to know of a batch's values.
+
+    `columns` are the stream columns the batch sets (APPENDED_COLUMNS order).
+    `once` names the columns, of the streams' and of the events', whose value
+    is the same in every row: those are sent as one parameter, not an array.
+    asyncpg encodes an array element by element, in part through Python, at
+    about 1 µs a text element and 4 µs a timestamp; a commit of one append to
+    each of 100 streams spent some 2 ms on it, a fifth of its cycle. Most of
+    those values are one value: every written stream gets the same
+    updated_at and last_write_at, and most events are chunks without a type
+    that end their append.
+    """
+
+    columns: tuple[str, ...]
+    once: frozenset[str]
+
+
+@functools.lru_cache(maxsize=256)
+def write_statement(shape: WriteShape, guarded: bool) -> str:
     """Update the streams, insert the events, upsert the producers, then
     NOTIFY: one statement.
 
-    Only `columns` of the streams are set (those the batch changes, in
-    APPENDED_COLUMNS order). Each is an array parameter, and asyncpg takes
-    about half a microsecond per element to encode one: all twelve cost
-    about half a millisecond of a 100-stream commit.
+    Only `shape.columns` of the streams are set (those the batch changes).
 
-    Its parameters, in order: the streams' ids and `columns` as arrays; the
-    events' columns as arrays and their shared created_at; the
+    Its parameters, in order: the streams' ids and their `shape.columns`; the
+    events' columns (EVENT_COLUMNS) and their shared created_at; the
     producers' stream ids, ids, epochs and seqs as arrays and their
-    updated_at; the channel and the NOTIFY payloads. It returns whether it
-    wrote, and the updated streams' ids and row versions (xmin).
+    updated_at; the channel and the NOTIFY payloads. A column is an array
+    with a value per row, or one value when `shape.once` names it. It returns
+    whether it wrote, and the updated streams' ids and row versions (xmin).
 
     Guarded, two more arrays follow: the ids of every stream of the batch and
     the row versions the batch was planned against. It then locks those rows
     and writes only if none of them changed since (see PostgresCommit).
     """
-    count = 0
-
-    def param(cast: str = "") -> str:
-        nonlocal count
-        count += 1
-        return f"${count}{cast}"
-
-    updated = ["id", *columns]
-    update_args = ", ".join(
-        param("::text[]" if name == "id" else f"::{_array_type(name)}") for name in updated
+    params = _Params()
+    stream_columns = [("id", "text"), *((name, _column_type(name)) for name in shape.columns)]
+    updates, set_to = params.rows("u", stream_columns, shape.once)
+    inserts, insert_of = params.rows("e", EVENT_COLUMNS, shape.once)
+    events_created_at = params.next()
+    producer_args = ", ".join(
+        params.next(f"::{cast}[]") for cast in ("text", "text", "bigint", "bigint")
     )
-    event_args = ", ".join(
-        param(f"::{cast}[]") for cast in ("text", "bigint", "text", "text", "bytea", "boolean")
-    )
-    events_created_at = param()
-    producer_args = ", ".join(param(f"::{cast}[]") for cast in ("text", "text", "bigint", "bigint"))
-    producers_updated_at = param()
-    channel, payloads = param(), param("::text[]")
+    producers_updated_at = params.next()
+    channel, payloads = params.next(), params.next("::text[]")
     check = "checked AS (SELECT true AS ok), "
     if guarded:
-        ids, versions = param("::text[]"), param("::text[]")
+        ids, versions = params.next("::text[]"), params.next("::text[]")
         # FOR UPDATE re-reads a row another transaction changed meanwhile, so
         # its new xmin no longer matches: the count falls short.
         check = (
@@ -94,17 +115,16 @@ def write_statement(columns: tuple[str, ...], guarded: bool) -> str:
             "ORDER BY s.id FOR UPDATE OF s), "
             f"checked AS (SELECT count(*) = cardinality({ids}) AS ok FROM locked), "
         )
-    sets = ", ".join(f"{name} = u.{name}" for name in columns)
+    sets = ", ".join(f"{name} = {set_to[name]}" for name in shape.columns)
+    inserted = ", ".join(insert_of[name] for name, _ in EVENT_COLUMNS)
     return (
         f"WITH {check}"
         "updated AS ("
-        f"UPDATE streams AS s SET {sets} "
-        f"FROM unnest({update_args}) AS u({', '.join(updated)}), checked "
-        "WHERE s.id = u.id AND checked.ok RETURNING s.id, s.xmin::text AS version), "
+        f"UPDATE streams AS s SET {sets} FROM {updates}, checked "
+        f"WHERE s.id = {set_to['id']} AND checked.ok RETURNING s.id, s.xmin::text AS version), "
         "inserted AS ("
         "INSERT INTO events (stream_id, seq, kind, type, payload, batch_end, created_at) "
-        f"SELECT e.*, {events_created_at} FROM unnest({event_args}) "
-        "AS e(stream_id, seq, kind, type, payload, batch_end), checked WHERE checked.ok), "
+        f"SELECT {inserted}, {events_created_at} FROM {inserts}, checked WHERE checked.ok), "
         "upserted AS ("
         "INSERT INTO producers (stream_id, producer_id, epoch, last_seq, updated_at) "
         f"SELECT p.*, {producers_updated_at} FROM unnest({producer_args}) "
@@ -117,6 +137,34 @@ def write_statement(columns: tuple[str, ...], guarded: bool) -> str:
         "SELECT checked.ok, array(SELECT id FROM updated), array(SELECT version FROM updated), "
         "(SELECT count(*) FROM notified) FROM checked"
     )
+
+
+class _Params:
+    """The statement's numbered parameters, handed out in order."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def next(self, cast: str = "") -> str:
+        self.count += 1
+        return f"${self.count}{cast}"
+
+    def rows(
+        self, alias: str, columns: Sequence[tuple[str, str]], once: frozenset[str]
+    ) -> tuple[str, dict[str, str]]:
+        """`unnest(arrays) AS alias(names)` over the columns sent as arrays, and
+        the SQL of every column: `alias.name`, or the parameter sent once."""
+        arrays: list[str] = []
+        names: list[str] = []
+        value_of: dict[str, str] = {}
+        for name, sql_type in columns:
+            if name in once:
+                value_of[name] = self.next(f"::{sql_type}")
+            else:
+                arrays.append(self.next(f"::{sql_type}[]"))
+                names.append(name)
+                value_of[name] = f"{alias}.{name}"
+        return f"unnest({', '.join(arrays)}) AS {alias}({', '.join(names)})", value_of
 
 
 def changed_columns(plans: list[StreamPlan]) -> tuple[str, ...]:
@@ -200,12 +248,9 @@ class PostgresCommit:
                 if state is not None:
                     producers.setdefault(request.stream_id, {})[producer_id] = state
         plans, outcomes = plan_batch(requests, current, producers, now)
-        columns = changed_columns(plans)
+        shape, args = self._write_args(plans, now)
         written, updated, new_versions, _ = await db.fetchrow(
-            write_statement(columns, guarded=True),
-            *self._write_args(plans, columns, now),
-            ids,
-            versions,
+            write_statement(shape, guarded=True), *args, ids, versions
         )
         if not written:
             for stream_id in ids:
@@ -229,9 +274,9 @@ class PostgresCommit:
             found = await self._producers(db, claims)
             plans, outcomes = plan_batch(requests, current, found, now)
             if plans:
-                columns = changed_columns(plans)
+                shape, args = self._write_args(plans, now)
                 _, updated, new_versions, _ = await db.fetchrow(
-                    write_statement(columns, guarded=False), *self._write_args(plans, columns, now)
+                    write_statement(shape, guarded=False), *args
                 )
         claimed: dict[str, list[str]] = {}
         for stream_id, producer_id in claims:
@@ -290,28 +335,31 @@ class PostgresCommit:
                 found.setdefault(stream_id, {})[producer_id] = ProducerState(epoch, last_seq)
         return found
 
-    def _write_args(
-        self, plans: list[StreamPlan], columns: tuple[str, ...], now: datetime
-    ) -> list[Any]:
-        """The parameters of write_statement(columns): the streams' new rows,
-        the events, the producers' states and the NOTIFY."""
+    def _write_args(self, plans: list[StreamPlan], now: datetime) -> tuple[WriteShape, list[Any]]:
+        """The shape and the parameters of the write statement for these plans:
+        the streams' new rows, the events, the producers' states and the NOTIFY."""
         infos = [plan.info for plan in plans]
-        rows: list[list[Any]] = [[info.id for info in infos]]
+        columns = changed_columns(plans)
+        values: list[tuple[str, list[Any]]] = [("id", [info.id for info in infos])]
         for name in columns:
             if name == "status":
-                rows.append([info.status.value for info in infos])
+                values.append((name, [info.status.value for info in infos]))
             else:
-                rows.append([getattr(info, name) for info in infos])
+                values.append((name, [getattr(info, name) for info in infos]))
         new = [e for plan in plans for e in plan.events]
         # kind._value_: the plain attribute (.value is a property, slow once per event).
-        events: list[Any] = [
-            [e.stream_id for e in new],
-            [e.seq for e in new],
-            [e.kind._value_ for e in new],
-            [e.type for e in new],
-            [e.payload for e in new],
-            [e.batch_end for e in new],
+        values += [
+            ("stream_id", [e.stream_id for e in new]),
+            ("seq", [e.seq for e in new]),
+            ("kind", [e.kind._value_ for e in new]),
+            ("type", [e.type for e in new]),
+            ("payload", [e.payload for e in new]),
+            ("batch_end", [e.batch_end for e in new]),
         ]
+        once = frozenset(
+            name for name, column in values if name not in ROW_KEYS and _one_value(column)
+        )
+        sent = [column[0] if name in once else column for name, column in values]
         created_at = new[0].created_at if new else now
         states = [
             (plan.info.id, producer_id, state.epoch, state.last_seq)
@@ -324,7 +372,13 @@ class PostgresCommit:
         # Delivered at COMMIT and dropped on rollback: a wake-up never announces
         # rows that do not exist. One NOTIFY per transaction, not per event.
         payloads = self.notify_payloads([(info.id, info.last_seq) for info in infos])
-        return [*rows, *events, created_at, *producers, now, self.channel, payloads]
+        args = [*sent, created_at, *producers, now, self.channel, payloads]
+        return WriteShape(columns, once), args
+
+
+def _one_value(column: list[Any]) -> bool:
+    """Whether every row has the same value (compared in C, by identity first)."""
+    return bool(column) and column.count(column[0]) == len(column)
 
 
 # A stream's producers kept with its row, at most; beyond, the oldest go.

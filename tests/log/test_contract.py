@@ -15,7 +15,7 @@ import pytest
 
 from app.errors import Status, StreamError
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
-from app.log.api import AppendRequest, Problem
+from app.log.api import AppendRequest, Problem, decode_json
 from tests.conftest import ManagerFactory
 from tests.support import CallCounter, FakeClock
 
@@ -361,6 +361,68 @@ async def test_one_bad_append_does_not_fail_its_batch(manager: StreamManager) ->
         await late
     assert err.value.status is Status.FAILED_PRECONDITION
     assert (await fine)[0].seq == 1
+
+
+async def test_one_group_commit_of_appends_that_differ_in_every_column(
+    manager: StreamManager,
+) -> None:
+    """A commit sends a column once when every row of the batch has the same
+    value, and as an array otherwise (Postgres). Each mix stores what each
+    append asked for: appends that share nothing, then appends that share
+    everything they can, then a batch of one."""
+    ids = ["typed", "plain", "done", "failed", "several"]
+    for stream_id in ids:
+        await manager.open(stream_id)
+    commits = manager.stats.commits
+    mixed = [
+        manager.submit(AppendRequest("typed", [NewEvent.chunk({"n": 1}, type="delta")])),
+        manager.submit(AppendRequest("plain", [NewEvent.chunk("x")])),
+        manager.submit(AppendRequest("done", [NewEvent.done({"answer": 42})])),
+        manager.submit(
+            AppendRequest("failed", [NewEvent.error(StreamError(Status.INTERNAL, "boom"))])
+        ),
+        manager.submit(AppendRequest("several", [NewEvent.chunk(1), NewEvent.chunk(2, type="t")])),
+    ]
+    await asyncio.gather(*mixed)
+    alike = [manager.submit(AppendRequest(s, [NewEvent.chunk("same")])) for s in ("typed", "plain")]
+    await asyncio.gather(*alike)
+    await manager.append("several", [NewEvent.chunk("alone")])
+    assert manager.stats.commits - commits == 3  # each group was one commit
+
+    def stored(events: list[Event]) -> list[tuple[int, EventKind, str | None, Any, bool]]:
+        return [(e.seq, e.kind, e.type, e.json(), e.batch_end) for e in events]
+
+    async def events_of(stream_id: str) -> list[Event]:
+        return await manager.read(stream_id, after=0)
+
+    assert stored(await events_of("typed")) == [
+        (1, EventKind.CHUNK, "delta", {"n": 1}, True),
+        (2, EventKind.CHUNK, None, "same", True),
+    ]
+    assert stored(await events_of("plain")) == [
+        (1, EventKind.CHUNK, None, "x", True),
+        (2, EventKind.CHUNK, None, "same", True),
+    ]
+    assert stored(await events_of("several")) == [
+        (1, EventKind.CHUNK, None, 1, False),
+        (2, EventKind.CHUNK, "t", 2, True),
+        (3, EventKind.CHUNK, None, "alone", True),
+    ]
+    done, failed = await manager.info("done"), await manager.info("failed")
+    assert (done.status, done.last_seq, done.finished_at is not None) == (
+        StreamStatus.DONE,
+        1,
+        True,
+    )
+    assert done.output is not None and decode_json(done.output) == {"answer": 42}
+    assert (failed.status, failed.error_status, failed.error_message) == (
+        StreamStatus.ERROR,
+        str(Status.INTERNAL),
+        "boom",
+    )
+    for stream_id, last_seq in [("typed", 2), ("plain", 2), ("several", 3)]:
+        info = await manager.info(stream_id)
+        assert (info.status, info.last_seq, info.finished_at) == (StreamStatus.OPEN, last_seq, None)
 
 
 # -- readers in other "processes" ----------------------------------------------------------

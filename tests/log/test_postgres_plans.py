@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from app.log import NewEvent, create_manager
-from app.log.postgres_commit import LOCK_STREAMS, PostgresCommit, write_statement
+from app.log.postgres_commit import LOCK_STREAMS, PostgresCommit, WriteShape, write_statement
 from app.log.sql import POSTGRES_HOT_SQL
 
 pytestmark = pytest.mark.postgres
@@ -66,13 +66,13 @@ async def test_an_append_touches_only_the_rows_of_its_own_streams(
     their versions). In a table of many streams each batch must find its rows
     by the primary key, not scan the table: a scan would cost every commit
     the whole table."""
-    batches: list[tuple[tuple[str, ...], list[Any]]] = []
+    batches: list[tuple[WriteShape, list[Any]]] = []
     write_args = PostgresCommit._write_args
 
-    def keep_args(self: PostgresCommit, plans: Any, columns: Any, now: Any) -> list[Any]:
-        args = write_args(self, plans, columns, now)
-        batches.append((columns, args))
-        return args
+    def keep_args(self: PostgresCommit, plans: Any, now: Any) -> tuple[WriteShape, list[Any]]:
+        shape, args = write_args(self, plans, now)
+        batches.append((shape, args))
+        return shape, args
 
     monkeypatch.setattr(PostgresCommit, "_write_args", keep_args)
     db = await asyncpg.connect(pg_url)
@@ -89,7 +89,7 @@ async def test_an_append_touches_only_the_rows_of_its_own_streams(
             ]
             for n in range(3):
                 await asyncio.gather(*(w.write({"n": n}) for w in writers))
-        columns, args = batches[-1]
+        shape, args = batches[-1]
         ids = sorted(args[0])
         assert len(ids) == HOT_STREAMS  # one batch held every stream
         versions = [
@@ -100,8 +100,8 @@ async def test_an_append_touches_only_the_rows_of_its_own_streams(
         ]
         statements = [
             (LOCK_STREAMS, [ids]),
-            (write_statement(columns, guarded=False), args),
-            (write_statement(columns, guarded=True), [*args, ids, versions]),
+            (write_statement(shape, guarded=False), args),
+            (write_statement(shape, guarded=True), [*args, ids, versions]),
         ]
         for statement, params in statements:
             transaction = db.transaction()
