@@ -250,49 +250,86 @@ def _sqlite_now() -> str:
 def _sqlite_raw(url: str, seconds: float) -> RawRates:
     conn = _sqlite_connect(url)
     try:
-        now = _sqlite_now()
-        rates, commit_ms = [], []
-        for per_commit in (1, BATCH_ROWS):
-            stream_id = f"{RAW_STREAM}-{per_commit}"
-            conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
-            rows = _rows(stream_id, now)
-            written, started, running = 0, time.perf_counter(), until(seconds)
-            while running():
-                began = time.perf_counter()
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(INSERT_SQLITE, [next(rows) for _ in range(per_commit)])
-                conn.execute("COMMIT")
-                if per_commit == 1:
-                    commit_ms.append((time.perf_counter() - began) * 1000)
-                written += per_commit
-            rates.append(written / (time.perf_counter() - started))
-        return (rates[0], commit_ms), rates[1]
+        single = _sqlite_loop(conn, f"{RAW_STREAM}-1", 1, seconds)
+        batched, _ = _sqlite_loop(conn, f"{RAW_STREAM}-{BATCH_ROWS}", BATCH_ROWS, seconds)
+        return single, batched
     finally:
         conn.close()
+
+
+def _sqlite_loop(
+    conn: sqlite3.Connection, stream_id: str, per_commit: int, seconds: float
+) -> tuple[float, list[float]]:
+    """Rows per second into a new stream, `per_commit` rows a commit, and each
+    commit's milliseconds when that is one row."""
+    now = _sqlite_now()
+    conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
+    rows = _rows(stream_id, now)
+    commit_ms: list[float] = []
+    written, started, running = 0, time.perf_counter(), until(seconds)
+    while running():
+        began = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(INSERT_SQLITE, [next(rows) for _ in range(per_commit)])
+        conn.execute("COMMIT")
+        if per_commit == 1:
+            commit_ms.append((time.perf_counter() - began) * 1000)
+        written += per_commit
+    return written / (time.perf_counter() - started), commit_ms
 
 
 async def _postgres_raw(url: str, seconds: float) -> RawRates:
     conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
     try:
-        now = datetime.now(UTC)
-        insert = await conn.prepare(INSERT_POSTGRES)
-        rates, commit_ms = [], []
-        for per_commit in (1, BATCH_ROWS):
-            stream_id = f"{RAW_STREAM}-{per_commit}"
-            await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
-            rows = _rows(stream_id, now)
-            written, started, running = 0, time.perf_counter(), until(seconds)
-            while running():
-                if per_commit == 1:
-                    began = time.perf_counter()
-                    await insert.fetch(*next(rows))  # autocommit: one transaction per row
-                    commit_ms.append((time.perf_counter() - began) * 1000)
-                else:
-                    async with conn.transaction():
-                        await insert.executemany([next(rows) for _ in range(per_commit)])
-                written += per_commit
-            rates.append(written / (time.perf_counter() - started))
-        return (rates[0], commit_ms), rates[1]
+        single = await _postgres_loop(conn, f"{RAW_STREAM}-1", 1, seconds)
+        batched, _ = await _postgres_loop(conn, f"{RAW_STREAM}-{BATCH_ROWS}", BATCH_ROWS, seconds)
+        return single, batched
+    finally:
+        await conn.close()
+
+
+async def _postgres_loop(
+    conn: asyncpg.Connection, stream_id: str, per_commit: int, seconds: float
+) -> tuple[float, list[float]]:
+    """As _sqlite_loop; one row is one statement in autocommit."""
+    now = datetime.now(UTC)
+    insert = await conn.prepare(INSERT_POSTGRES)
+    await conn.execute(CREATE_STREAM.format(p="$1", t="$2"), stream_id, now)
+    rows = _rows(stream_id, now)
+    commit_ms: list[float] = []
+    written, started, running = 0, time.perf_counter(), until(seconds)
+    while running():
+        if per_commit == 1:
+            began = time.perf_counter()
+            await insert.fetch(*next(rows))
+            commit_ms.append((time.perf_counter() - began) * 1000)
+        else:
+            async with conn.transaction():
+                await insert.executemany([next(rows) for _ in range(per_commit)])
+        written += per_commit
+    return written / (time.perf_counter() - started), commit_ms
+
+
+async def batched_loop_rate(db: str, url: str, stream_id: str, seconds: float) -> float:
+    """Rows per second of the batched insert loop alone, into a new stream
+    `stream_id`: the ceiling measured again around each in-process case.
+
+    The machine's speed (its disk's above all) drifts within minutes; a
+    ceiling measured once, at the start of the run, moved every ratio with it.
+    """
+    if db == "sqlite":
+
+        def loop() -> float:
+            conn = _sqlite_connect(url)
+            try:
+                return _sqlite_loop(conn, stream_id, BATCH_ROWS, seconds)[0]
+            finally:
+                conn.close()
+
+        return await asyncio.to_thread(loop)
+    conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
+    try:
+        return (await _postgres_loop(conn, stream_id, BATCH_ROWS, seconds))[0]
     finally:
         await conn.close()
 
