@@ -52,8 +52,25 @@ EVENT_COLUMNS = (
     ("payload", "bytea"),
     ("batch_end", "boolean"),
 )
-# The columns unnest() makes rows of: never sent once, so there is always an array.
-ROW_KEYS = frozenset({"id", "seq"})
+# The columns sent once when every row of a batch has the same value: the times
+# a batch sets to its `now`, and what most events share. Not the row keys id
+# and seq (unnest() needs an array to make rows of), and not the values that
+# match only by chance (seqs, payloads, outputs): each such match would be one
+# more shape, so one more statement for Postgres to prepare and plan.
+SENT_ONCE_WHEN_SHARED = frozenset(
+    {
+        "status",
+        "updated_at",
+        "finished_at",
+        "expires_at",
+        "abandon_at",
+        "last_write_at",
+        "stream_id",
+        "kind",
+        "type",
+        "batch_end",
+    }
+)
 
 
 class WriteShape(NamedTuple):
@@ -61,7 +78,8 @@ class WriteShape(NamedTuple):
 
     `columns` are the stream columns the batch sets (APPENDED_COLUMNS order).
     `once` names the columns, of the streams' and of the events', whose value
-    is the same in every row: those are sent as one parameter, not an array.
+    is the same in every row (of SENT_ONCE_WHEN_SHARED): those are sent as
+    one parameter, not an array.
     asyncpg encodes an array element by element, in part through Python, at
     about 1 µs a text element and 4 µs a timestamp; a commit of one append to
     each of 100 streams spent some 2 ms on it, a fifth of its cycle. Most of
@@ -357,7 +375,7 @@ class PostgresCommit:
             ("batch_end", [e.batch_end for e in new]),
         ]
         once = frozenset(
-            name for name, column in values if name not in ROW_KEYS and _one_value(column)
+            name for name, column in values if name in SENT_ONCE_WHEN_SHARED and _one_value(column)
         )
         sent = [column[0] if name in once else column for name, column in values]
         created_at = new[0].created_at if new else now

@@ -11,7 +11,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from app.log.api import AppendRequest, NewEvent, StreamInfo, StreamStatus
-from app.log.postgres_commit import EVENT_COLUMNS, ROW_KEYS, PostgresCommit, write_statement
+from app.log.postgres_commit import (
+    EVENT_COLUMNS,
+    SENT_ONCE_WHEN_SHARED,
+    PostgresCommit,
+    write_statement,
+)
 from app.log.schema import APPENDED_COLUMNS
 from app.log.store import plan_batch
 
@@ -46,11 +51,11 @@ def test_values_every_row_shares_are_sent_once() -> None:
     plans, _ = plan_batch(requests, rows, {}, later)
     shape, args = commit()._write_args(plans, later)
     assert shape.columns == ("updated_at", "last_write_at", "last_seq")
-    # last_seq is 1 on every stream: one value too.
-    assert shape.once == {"updated_at", "last_write_at", "last_seq", "kind", "type", "batch_end"}
-    assert args[:4] == [["a", "b", "c"], later, later, 1]
+    # last_seq is 1 on every stream, but only by chance: still an array.
+    assert shape.once == {"updated_at", "last_write_at", "kind", "type", "batch_end"}
+    assert args[:4] == [["a", "b", "c"], later, later, [1, 1, 1]]
     statement = write_statement(shape, guarded=True)
-    assert "unnest($1::text[]) AS u(id)" in statement
+    assert "unnest($1::text[], $4::BIGINT[]) AS u(id, last_seq)" in statement
 
 
 def test_values_that_differ_are_sent_as_arrays() -> None:
@@ -68,7 +73,9 @@ def test_values_that_differ_are_sent_as_arrays() -> None:
 def test_row_keys_are_always_arrays_and_names_never_clash() -> None:
     plans, _ = plan_batch([AppendRequest("a", [NewEvent.chunk(1)])], {"a": open_row("a")}, {}, NOW)
     shape, _ = commit()._write_args(plans, NOW)
-    assert ROW_KEYS.isdisjoint(shape.once)
-    assert "stream_id" in shape.once  # a batch of one: everything else is one value
+    # A batch of one: every candidate is one value, the row keys stay arrays.
+    sent = {*shape.columns, *(name for name, _ in EVENT_COLUMNS)}
+    assert shape.once == SENT_ONCE_WHEN_SHARED & sent
+    assert {"id", "seq"}.isdisjoint(SENT_ONCE_WHEN_SHARED)
     # `once` names columns of both tables: no name may mean two columns.
     assert {name for name, _ in EVENT_COLUMNS}.isdisjoint(APPENDED_COLUMNS)
