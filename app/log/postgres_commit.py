@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from sqlalchemy.dialects import postgresql
 
 from app.log.api import AppendRequest, ProducerState, StreamInfo
-from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, streams
+from app.log.schema import APPENDED_COLUMNS, STREAM_COLUMNS, TIME_COLUMNS, streams
 from app.log.store import AppendOutcome, KeptRows, StreamPlan, plan_batch
 
 
@@ -52,25 +52,19 @@ EVENT_COLUMNS = (
     ("payload", "bytea"),
     ("batch_end", "boolean"),
 )
-# The columns sent once when every row of a batch has the same value: the times
-# a batch sets to its `now`, and what most events share. Not the row keys id
+# The columns sent once when every row of a batch has the same value: the
+# streams' times (a batch sets updated_at and last_write_at to its `now`, the
+# others from it), their status, and what most events share. Not the row keys id
 # and seq (unnest() needs an array to make rows of), and not the values that
 # match only by chance (seqs, payloads, outputs): each such match would be one
 # more shape, so one more statement for Postgres to prepare and plan.
-SENT_ONCE_WHEN_SHARED = frozenset(
-    {
-        "status",
-        "updated_at",
-        "finished_at",
-        "expires_at",
-        "abandon_at",
-        "last_write_at",
-        "stream_id",
-        "kind",
-        "type",
-        "batch_end",
-    }
-)
+SENT_ONCE_WHEN_SHARED = frozenset(TIME_COLUMNS & set(APPENDED_COLUMNS)) | {
+    "status",
+    "stream_id",
+    "kind",
+    "type",
+    "batch_end",
+}
 
 
 class WriteShape(NamedTuple):
