@@ -87,7 +87,7 @@ async def _measure(
 
 async def _batched_loop(ctx: Context, when: str, seconds: float) -> float:
     """The raw batched loop's rows per second, into a stream of its own."""
-    return await batched_loop_rate(ctx.db, ctx.database_url, f"raw-insert-{when}", seconds)
+    return await batched_loop_rate(ctx.db, ctx.database_url, when, seconds)
 
 
 def _batched_around(case: _Case, before: float, after: float) -> Result:

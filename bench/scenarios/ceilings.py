@@ -310,13 +310,14 @@ async def _postgres_loop(
     return written / (time.perf_counter() - started), commit_ms
 
 
-async def batched_loop_rate(db: str, url: str, stream_id: str, seconds: float) -> float:
+async def batched_loop_rate(db: str, url: str, run: str, seconds: float) -> float:
     """Rows per second of the batched insert loop alone, into a new stream
-    `stream_id`: the ceiling measured again around each in-process case.
+    named after `run`: the ceiling measured again around each in-process case.
 
     The machine's speed (its disk's above all) drifts within minutes; a
     ceiling measured once, at the start of the run, moved every ratio with it.
     """
+    stream_id = f"{RAW_STREAM}-{run}"
     if db == "sqlite":
 
         def loop() -> float:
