@@ -106,15 +106,22 @@ async def make_manager(database_url: str, clock: FakeClock) -> AsyncIterator[Man
     "processes" the way several SQL managers share one database.
     """
     made: list[StreamManager] = []
-    shared_store = MemoryStore()
+    # Two commit lanes, as on Postgres: its commits never wait, but the
+    # committer splits and settles as it does there.
+    shared_store = MemoryStore(commit_lanes=2)
 
-    def factory(**kwargs: Any) -> StreamManager:
+    def factory(commit_lanes: int | None = None, **kwargs: Any) -> StreamManager:
+        """`commit_lanes` (Postgres and memory; SQLite has one) gives the manager
+        a store of its own in memory."""
         kwargs.setdefault("clock", clock)
         kwargs.setdefault("sqlite_poll_seconds", 0.02)
         if database_url == "memory":
             kwargs.pop("sqlite_poll_seconds")
-            manager = StreamManager(shared_store, notifier=MemoryNotifier(shared_store), **kwargs)
+            store = shared_store if commit_lanes is None else MemoryStore(commit_lanes)
+            manager = StreamManager(store, notifier=MemoryNotifier(store), **kwargs)
         else:
+            if commit_lanes is not None:
+                kwargs["postgres_commit_lanes"] = commit_lanes
             manager = create_manager(database_url, **kwargs)
         made.append(manager)
         return manager

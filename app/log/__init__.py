@@ -22,7 +22,7 @@ from app.log.api import (
 from app.log.db import asyncpg_dsn, is_sqlite, normalize_url
 from app.log.manager import Clock, StreamManager, StreamWriter, utcnow
 from app.log.memory import MemoryNotifier, MemoryStore
-from app.log.sql import SqlStore
+from app.log.sql import POSTGRES_COMMIT_LANES, SqlStore
 from app.log.wakeup import PostgresListener, SqlitePoller
 
 __all__ = [
@@ -57,6 +57,7 @@ def create_manager(
     sqlite_busy_timeout_ms: int = 5000,
     sqlite_synchronous: str = "NORMAL",
     pool_size: int = 5,
+    postgres_commit_lanes: int = POSTGRES_COMMIT_LANES,
     **manager_options: Any,
 ) -> StreamManager:
     """A manager on `database_url` ("memory" for the in-memory store) with its wake-ups.
@@ -72,6 +73,7 @@ def create_manager(
         busy_timeout_ms=sqlite_busy_timeout_ms,
         sqlite_synchronous=sqlite_synchronous,
         pool_size=pool_size,
+        postgres_commit_lanes=postgres_commit_lanes,
     )
     notifier: SqlitePoller | PostgresListener = (
         SqlitePoller(store, sqlite_poll_seconds)

@@ -87,7 +87,9 @@ def sqlite_pragmas(synchronous: str = "NORMAL", foreign_keys: bool = True) -> li
     ]
 
 
-def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> AsyncEngine:
+def postgres_engine(
+    url: URL, *, pool_size: int = 5, commit_lanes: int = 1, nullpool: bool = False
+) -> AsyncEngine:
     kwargs: dict[str, Any] = {
         "connect_args": {"server_settings": {"application_name": "streamkeep"}},
     }
@@ -102,10 +104,10 @@ def postgres_engine(url: URL, *, pool_size: int = 5, nullpool: bool = False) -> 
         # new asyncpg connection costs its setup and type introspection queries
         # (a burst of 16 requests spent more time there than in its commits).
         # Up to three times pool_size are opened as needed and then kept, and one
-        # more for the committer, which keeps its own (sql.SqlStore._commit_pool):
+        # more per commit lane, which the committer keeps (sql.SqlStore._commit_pool):
         # the read pool keeps up to two thirds, and SQLAlchemy's own statements
         # (creates, deletes, sweeps) need the rest even with pool_size 1.
-        kwargs.update(pool_size=pool_size * 3 + 1, max_overflow=0)
+        kwargs.update(pool_size=pool_size * 3 + commit_lanes, max_overflow=0)
     return create_async_engine(url, **kwargs)
 
 

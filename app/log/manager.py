@@ -129,12 +129,56 @@ class _Pending:
             self.future.set_result(outcome if self.detailed else outcome.events)
 
 
-class _Committer:
-    """Group commit: whatever is pending when a transaction starts goes into it."""
+class _Taken:
+    """Appends taken off the queue together, and the commits they went into."""
 
-    def __init__(self, manager: StreamManager, max_batch: int) -> None:
+    __slots__ = ("appends", "batches", "left")
+
+    def __init__(self, appends: int, batches: list[list[_Pending]]) -> None:
+        self.appends = appends
+        self.batches = batches
+        self.left = len(batches)  # commits not done
+
+
+def split_by_stream(appends: list[_Pending], parts: int) -> list[list[_Pending]]:
+    """Queued appends in up to `parts` batches of about as many events, no
+    stream in two of them, each in queue order."""
+    events: dict[str, int] = {}
+    for p in appends:
+        events[p.request.stream_id] = events.get(p.request.stream_id, 0) + len(p.request.events)
+    parts = min(parts, len(events))
+    if parts <= 1:
+        return [appends]
+    share = sum(events.values()) / parts
+    part_of: dict[str, int] = {}
+    part, filled = 0, 0
+    for stream_id, count in events.items():
+        if filled >= share and part < parts - 1:
+            part, filled = part + 1, 0
+        part_of[stream_id] = part
+        filled += count
+    batches: list[list[_Pending]] = [[] for _ in range(part + 1)]
+    for p in appends:
+        batches[part_of[p.request.stream_id]].append(p)
+    return batches
+
+
+class _Committer:
+    """Group commit: whatever is pending when a transaction starts goes into it.
+
+    A store with more than one commit lane (Postgres) runs that many commits at
+    once, on disjoint streams: while one waits on the database, the process
+    plans and sends the next. Awaiting writers all come back when their commit
+    does, so the appends taken together are split by stream across the free
+    lanes. A stream is in at most one commit at a time: its appends stay in
+    order.
+    """
+
+    def __init__(self, manager: StreamManager, max_batch: int, lanes: int) -> None:
         self._manager = manager
         self._max_batch = max_batch
+        self._lanes = lanes
+        self._running: set[asyncio.Task[None]] = set()  # commits in lanes of their own
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -142,9 +186,12 @@ class _Committer:
         self._idle.set()
         # Appends are settled in the order they were queued, so "everything
         # queued before now is settled" is a count: (target, future) waiters.
+        # Appends taken together count once all their commits, and all those
+        # taken before them, are done: a _Taken per take, in order.
         self._enqueued = 0
         self._settled = 0
         self._settle_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._taken: deque[_Taken] = deque()
         # Pushed payload bytes not yet settled, and the future of producers that
         # wait for the backlog to shrink (see StreamWriter.push).
         self._pushed_bytes = 0
@@ -213,35 +260,64 @@ class _Committer:
 
     async def _run(self) -> None:
         while True:
-            if not self._pending:
-                self._idle.set()
+            taken = self._take()
+            if taken is None:
+                if not self._pending and not self._running:
+                    self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._commit(self._next_batch())
+            if self._lanes == 1:
+                await self._commit(taken.batches[0], taken)  # no task where none overlap
+                continue
+            for batch in taken.batches:
+                task = asyncio.create_task(self._commit(batch, taken), name="streamkeep-commit")
+                self._running.add(task)
+                task.add_done_callback(self._lane_done)
 
-    def _next_batch(self) -> list[_Pending]:
-        """Queued appends in order, up to max_batch events (coalesced pushes hold many)."""
-        batch = [self._pending.popleft()]
-        events = len(batch[0].request.events)
+    def _lane_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _take(self) -> _Taken | None:
+        """The queued appends to commit now, split across the free lanes, or None.
+
+        Taken in order, up to max_batch events (coalesced pushes hold many),
+        stopping at a stream that is still being committed.
+        """
         pending = self._pending
-        while pending and events + len(pending[0].request.events) <= self._max_batch:
+        free = self._lanes - len(self._running)
+        committing = self._manager._committing
+        if not pending or free <= 0 or pending[0].request.stream_id in committing:
+            return None
+        appends = [pending.popleft()]
+        events = len(appends[0].request.events)
+        while (
+            pending
+            and events + len(pending[0].request.events) <= self._max_batch
+            and pending[0].request.stream_id not in committing
+        ):
             events += len(pending[0].request.events)
-            batch.append(pending.popleft())
-        return batch
+            appends.append(pending.popleft())
+        taken = _Taken(len(appends), split_by_stream(appends, free) if free > 1 else [appends])
+        self._taken.append(taken)
+        for batch in taken.batches:
+            committing.update(p.request.stream_id for p in batch)
+        return taken
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[_Pending], taken: _Taken) -> None:
         manager = self._manager
-        manager._committing = {p.request.stream_id for p in batch}
+        streams = {p.request.stream_id for p in batch}
         try:
             outcomes = await manager.store.commit([p.request for p in batch], manager.clock())
         except BaseException as exc:
-            manager._commit_finished()
+            manager._commit_finished(streams)
             manager.stats.storage_errors += 1
             error = exc if isinstance(exc, StreamError) else _unexpected(exc)
             for p in batch:
                 p.fail(error)
-            self._settle(len(batch))
+            self._settle(taken)
             self._settle_pushes(batch)
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -264,8 +340,8 @@ class _Committer:
         for origin, (appends, payload_bytes) in origins.items():
             stats.count_appends(origin, appends, payload_bytes)
         manager._publish(committed)
-        manager._commit_finished()
-        self._settle(len(batch))
+        manager._commit_finished(streams)
+        self._settle(taken)
         self._settle_pushes(batch)
 
     async def drain(self) -> None:
@@ -280,8 +356,12 @@ class _Committer:
         self._settle_waiters.append((target, future))
         await future
 
-    def _settle(self, count: int) -> None:
-        self._settled += count
+    def _settle(self, taken: _Taken) -> None:
+        """One of `taken`'s commits is done: count what is now settled in queue order."""
+        taken.left -= 1
+        queue = self._taken
+        while queue and queue[0].left == 0:
+            self._settled += queue.popleft().appends
         if self._settle_waiters:
             waiting = []
             for target, future in self._settle_waiters:
@@ -297,6 +377,8 @@ class _Committer:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        for task in list(self._running):
+            await cancel_and_wait(task)
 
 
 def _unexpected(exc: BaseException) -> StreamError:
@@ -643,7 +725,7 @@ class StreamManager:
         self._max_batch = max_batch
         self._committer: _Committer | None = None
         self._tails: dict[str, _Tail] = {}
-        self._committing: set[str] = set()
+        self._committing: set[str] = set()  # streams with a commit in flight
         self._started = False
         self.stats = LogStats()
         self.open_streams_seen = 0
@@ -791,7 +873,7 @@ class StreamManager:
 
     def _committer_started(self) -> _Committer:
         if self._committer is None:
-            self._committer = _Committer(self, self._max_batch)
+            self._committer = _Committer(self, self._max_batch, self.store.commit_lanes)
         return self._committer
 
     async def settle_queued(self) -> None:
@@ -998,14 +1080,14 @@ class StreamManager:
             if tail is not None:
                 tail.offer(events)
 
-    def _commit_finished(self) -> None:
-        for stream_id in self._committing:
+    def _commit_finished(self, streams: Iterable[str]) -> None:
+        for stream_id in streams:
+            self._committing.discard(stream_id)
             tail = self._tails.get(stream_id)
             if tail is not None and tail.held_hint:
                 if tail.held_hint > tail.last_seq:
                     tail.request_refresh()
                 tail.held_hint = 0
-        self._committing = set()
 
     @property
     def live_readers(self) -> int:

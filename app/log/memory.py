@@ -43,7 +43,10 @@ class _Stream:
 class MemoryStore:
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, commit_lanes: int = 1) -> None:
+        # Its commits never wait, so lanes do not overlap here; tests set more
+        # to run the committer as it runs on Postgres.
+        self.commit_lanes = commit_lanes
         self._streams: dict[str, _Stream] = {}
         self._sweep_lock = asyncio.Lock()
         self._failure: Exception | None = None

@@ -200,6 +200,9 @@ SQLITE_READERS_PER_POOL_SLOT = 4
 # 3 of the reader engine's 4, on Postgres 2 of the shared engine's 3 (commits and
 # SQLAlchemy's statements use the rest).
 READ_POOL_SLOTS = {"sqlite": 3, "postgresql": 2}
+# Commits of disjoint streams Postgres runs at once for a process: while one
+# waits on the database, the process plans and sends the next (see _Committer).
+POSTGRES_COMMIT_LANES = 2
 # Well below SQLite's limit of host parameters per statement (32,766).
 HEADS_PER_QUERY = 500
 # An event row's bytes besides its payload (its index entry included), about.
@@ -214,6 +217,7 @@ class SqlStore:
         busy_timeout_ms: int = 5000,
         sqlite_synchronous: str = "NORMAL",
         pool_size: int = 5,
+        postgres_commit_lanes: int = POSTGRES_COMMIT_LANES,
     ) -> None:
         self.url = url
         self.dialect = "sqlite" if is_sqlite(url) else "postgresql"
@@ -232,7 +236,9 @@ class SqlStore:
                 pool_size=pool_size * SQLITE_READERS_PER_POOL_SLOT,
             )
         else:
-            self.writer = self.reader = postgres_engine(url, pool_size=pool_size)
+            self.writer = self.reader = postgres_engine(
+                url, pool_size=pool_size, commit_lanes=postgres_commit_lanes
+            )
         # SQLite's hot reads and commits, on the event loop's thread when they
         # need no lock (sqlite_inline).
         self._inline: InlineSqlite | None = None
@@ -253,11 +259,15 @@ class SqlStore:
         self._read_pool = DriverPool(
             self.reader, pool_size * READ_POOL_SLOTS[self.dialect], LOST_CONNECTION
         )
-        # The committer's connection on Postgres, kept like the read pool's: one
-        # commit runs at a time in a process, and checking a connection out of
-        # SQLAlchemy's pool for each cost a third of a commit's main-thread CPU.
+        # SQLite has one writer; Postgres takes commits of disjoint streams at once.
+        self.commit_lanes = 1 if self.dialect == "sqlite" else postgres_commit_lanes
+        # The committer's connections on Postgres, one per lane, kept like the
+        # read pool's: checking a connection out of SQLAlchemy's pool for each
+        # commit cost a third of a commit's main-thread CPU.
         self._commit_pool = (
-            DriverPool(self.writer, 1, LOST_CONNECTION) if self.dialect == "postgresql" else None
+            DriverPool(self.writer, self.commit_lanes, LOST_CONNECTION)
+            if self.dialect == "postgresql"
+            else None
         )
         self.closed = False
         self._reads: set[asyncio.Future[Any]] = set()  # see _finish_when_cancelled

@@ -38,6 +38,8 @@ class StreamStore(Protocol):
     """Atomic storage operations; implemented in memory and in SQL."""
 
     name: str
+    # How many commits may run at once, on disjoint streams (see _Committer).
+    commit_lanes: int
 
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
         """Insert a stream with its initial events; an expired one with the same id is replaced.

@@ -364,12 +364,15 @@ async def test_one_bad_append_does_not_fail_its_batch(manager: StreamManager) ->
 
 
 async def test_one_group_commit_of_appends_that_differ_in_every_column(
-    manager: StreamManager,
+    make_manager: ManagerFactory,
 ) -> None:
     """A commit sends a column once when every row of the batch has the same
     value, and as an array otherwise (Postgres). Each mix stores what each
     append asked for: appends that share nothing, then appends that share
-    everything they can, then a batch of one."""
+    everything they can, then a batch of one. One commit lane, so that each
+    group is one commit, not split by stream."""
+    manager = make_manager(commit_lanes=1)
+    await manager.start()
     ids = ["typed", "plain", "done", "failed", "several"]
     for stream_id in ids:
         await manager.open(stream_id)
