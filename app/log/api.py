@@ -275,7 +275,10 @@ class Problem(StrEnum):
     FORK_BEYOND_TAIL = "fork_beyond_tail"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per append in the committer's planning, and a
+# frozen dataclass sets each field through object.__setattr__ (1.1 µs against
+# 0.4). Nothing changes it once built.
+@dataclass(slots=True)
 class AppendResult:
     """What one append did: its events, and the stream as it was left."""
 

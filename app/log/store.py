@@ -365,7 +365,7 @@ def _advance(
     if extra:
         changes.update(extra)
     finished_at = None
-    if last.kind.is_terminal:
+    if last.kind is not EventKind.CHUNK:
         finished_at = now
         changes.update(status=STATUS_AFTER[last.kind], finished_at=now, abandon_at=None)
         if last.kind is EventKind.DONE:
@@ -376,7 +376,11 @@ def _advance(
     elif info.idle_timeout_seconds is not None and "abandon_at" not in changes:
         changes["abandon_at"] = abandon_after_write(info, now)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
-    changes["expires_at"] = expiry(info, now, finished_at)
+    if info.idle_ttl_seconds is None and finished_at is None and info.finished_at is None:
+        # What expiry() gives an unfinished stream without one, without its call.
+        changes["expires_at"] = info.hard_expires_at
+    else:
+        changes["expires_at"] = expiry(info, now, finished_at)
     # Only these can differ from `info`: a store writes them and nothing else.
     columns = tuple([name for name, value in changes.items() if value != getattr(info, name)])
     return with_changes(info, changes), columns
