@@ -129,6 +129,15 @@ class _Pending:
             self.future.set_result(outcome if self.detailed else outcome.events)
 
 
+# The fewest events a commit runs with beside another (commit lanes). Each
+# commit has its own cost, in this process and in the database: with 16 HTTP
+# producers on 100 streams, a second lane taking the few appends that came in
+# meanwhile made 0.70-0.73 of the no-op's appends per second, against
+# 0.77-0.80 with one lane (alternating runs). Writers that all come back at
+# once (100 on 100 streams) still fill two lanes.
+LANE_MIN_EVENTS = 32
+
+
 class _Taken:
     """Appends taken off the queue together, and the commits they went into."""
 
@@ -284,23 +293,25 @@ class _Committer:
         """The queued appends to commit now, split across the free lanes, or None.
 
         Taken in order, up to max_batch events (coalesced pushes hold many),
-        stopping at a stream that is still being committed.
+        stopping at a stream that is still being committed. While a commit
+        runs, another starts only with LANE_MIN_EVENTS events or more.
         """
         pending = self._pending
         free = self._lanes - len(self._running)
         committing = self._manager._committing
         if not pending or free <= 0 or pending[0].request.stream_id in committing:
             return None
-        appends = [pending.popleft()]
-        events = len(appends[0].request.events)
-        while (
-            pending
-            and events + len(pending[0].request.events) <= self._max_batch
-            and pending[0].request.stream_id not in committing
-        ):
-            events += len(pending[0].request.events)
-            appends.append(pending.popleft())
-        taken = _Taken(len(appends), split_by_stream(appends, free) if free > 1 else [appends])
+        count, events = 1, len(pending[0].request.events)
+        for queued in itertools.islice(pending, 1, None):
+            size = len(queued.request.events)
+            if events + size > self._max_batch or queued.request.stream_id in committing:
+                break
+            count, events = count + 1, events + size
+        if self._running and events < LANE_MIN_EVENTS:
+            return None
+        appends = [pending.popleft() for _ in range(count)]
+        parts = min(free, events // LANE_MIN_EVENTS)
+        taken = _Taken(count, split_by_stream(appends, parts) if parts > 1 else [appends])
         self._taken.append(taken)
         for batch in taken.batches:
             committing.update(p.request.stream_id for p in batch)

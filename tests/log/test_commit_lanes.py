@@ -3,7 +3,8 @@
 The in-memory store stands for the database here, with a gate per stream that
 holds its commits until the test opens it, so commits can finish in any
 order. The contract suite runs the same committer against Postgres (two
-lanes) and in memory (see conftest).
+lanes) and in memory (see conftest). A commit runs beside another only with
+LANE_MIN_EVENTS events, so the appends here hold that many.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from app.errors import Status, StreamError
 from app.log import Event, StreamManager
 from app.log.api import AppendRequest, NewEvent
-from app.log.manager import _Pending, split_by_stream
+from app.log.manager import LANE_MIN_EVENTS, _Pending, split_by_stream
 from app.log.memory import MemoryStore
 from app.log.store import AppendOutcome
 
@@ -34,6 +35,10 @@ class GatedStore(MemoryStore):
 
     def gate(self, stream_id: str) -> asyncio.Event:
         return self.gates.setdefault(stream_id, asyncio.Event())
+
+    def open(self, *stream_ids: str) -> None:
+        for stream_id in stream_ids:
+            self.gate(stream_id).set()
 
     async def commit(self, requests: Sequence[AppendRequest], now: datetime) -> list[AppendOutcome]:
         self.batches.append([r.stream_id for r in requests])
@@ -61,29 +66,40 @@ async def turns(count: int = 5) -> None:
         await asyncio.sleep(0)
 
 
-def submit(manager: StreamManager, stream_id: str, value: object) -> asyncio.Future[list[Event]]:
-    return asyncio.ensure_future(manager.append(stream_id, [NewEvent.chunk(value)]))
+LANE = LANE_MIN_EVENTS
+
+
+def submit(
+    manager: StreamManager, stream_id: str, value: object, events: int = LANE
+) -> asyncio.Future[list[Event]]:
+    """An append of `events` chunks, each `value`."""
+    chunks = [NewEvent.chunk(value) for _ in range(events)]
+    return asyncio.ensure_future(manager.append(stream_id, chunks))
+
+
+async def values(manager: StreamManager, stream_id: str) -> list[object]:
+    """The stream's chunks, each run of equal ones once."""
+    runs: list[object] = []
+    for event in await manager.read(stream_id, limit=10_000):
+        if not runs or runs[-1] != event.json():
+            runs.append(event.json())
+    return runs
 
 
 async def test_appends_to_many_streams_are_split_across_the_lanes_by_stream() -> None:
     store = GatedStore(lanes=2)
     names = [f"s{i}" for i in range(6)]
     manager = await started(store, *names)
-    for stream_id in names:
-        store.gate(stream_id).set()
-        store.gate(stream_id).clear()
-    store.batches.clear()
-    sent = [submit(manager, stream_id, n) for n in range(2) for stream_id in names]
+    sent = [submit(manager, name, n, events=LANE // 2) for n in range(2) for name in names]
     await turns()
     assert store.running == 2
     first, second = store.batches
     assert not set(first) & set(second)  # no stream in both commits
     assert sorted(first + second) == sorted(names * 2)
-    for gate in store.gates.values():
-        gate.set()
+    store.open(*names)
     await asyncio.gather(*sent)
     for stream_id in names:
-        assert [e.json() for e in await manager.read(stream_id)] == [0, 1]
+        assert await values(manager, stream_id) == [0, 1]
     await manager.close()
 
 
@@ -98,10 +114,26 @@ async def test_a_stream_being_committed_waits_for_its_commit_so_its_order_holds(
     # "a" is in the first commit: its second append waits, and so does "b"
     # behind it, to keep the queue's order.
     assert store.batches == [["a"]]
-    store.gate("a").set()
-    store.gate("b").set()
+    store.open("a", "b")
     await asyncio.gather(first, second, other)
-    assert [e.json() for e in await manager.read("a")] == [1, 2]
+    assert await values(manager, "a") == [1, 2]
+    await manager.close()
+
+
+async def test_a_few_appends_wait_for_the_running_commit_instead_of_a_lane_of_their_own() -> None:
+    store = GatedStore(lanes=2)
+    manager = await started(store, "a", "b", "c")
+    first = submit(manager, "a", 1)
+    await turns()
+    few = [submit(manager, "b", 2, events=LANE // 4), submit(manager, "c", 3, events=LANE // 4)]
+    await turns()
+    assert store.batches == [["a"]]  # not worth a commit of their own yet
+    enough = submit(manager, "c", 4, events=LANE)
+    await turns()
+    assert store.batches == [["a"], ["b", "c", "c"]]
+    store.open("a", "b", "c")
+    await asyncio.gather(first, *few, enough)
+    assert await values(manager, "c") == [3, 4]
     await manager.close()
 
 
@@ -113,7 +145,7 @@ async def test_settling_waits_for_an_earlier_commit_that_finishes_last() -> None
     first = [submit(manager, "a", "a1"), submit(manager, "b", "b1")]
     await turns()
     assert store.running == 2
-    store.gate("b").set()
+    store.open("b")
     await turns()
     later = [submit(manager, "b", "b2")]
     # Queued before it: a1, b1, b2. The b appends are committed on the other
@@ -123,10 +155,10 @@ async def test_settling_waits_for_an_earlier_commit_that_finishes_last() -> None
     await asyncio.gather(*later)
     await turns(10)
     assert not settled.done()  # a1 was queued before it and is not committed yet
-    store.gate("a").set()
+    store.open("a")
     await asyncio.wait_for(settled, 5)
     await asyncio.gather(*first)
-    assert [e.json() for e in await manager.read("b")] == ["b1", "b2", "b3", "b4"]
+    assert await values(manager, "b") == ["b1", "b2", "b3", "b4"]
     await manager.close()
 
 
@@ -136,10 +168,11 @@ async def test_a_failed_commit_fails_only_its_own_lane() -> None:
     failing = submit(manager, "a", 1)
     fine = submit(manager, "b", 2)
     await turns()
+    assert store.running == 2
     store.fail_next_commit(OSError("disk unplugged"))  # the next past its gate
-    store.gate("a").set()
+    store.open("a")
     await turns()
-    store.gate("b").set()
+    store.open("b")
     with pytest.raises(StreamError) as err:
         await failing
     assert err.value.status is Status.INTERNAL
@@ -152,11 +185,11 @@ async def test_close_waits_for_every_lane() -> None:
     manager = await started(store, "a", "b")
     sent = [submit(manager, "a", 1), submit(manager, "b", 2)]
     await turns()
+    assert store.running == 2
     closing = asyncio.ensure_future(manager.close())
     await turns()
     assert not closing.done()
-    store.gate("a").set()
-    store.gate("b").set()
+    store.open("a", "b")
     await asyncio.wait_for(closing, 5)
     assert all(f.done() and not f.exception() for f in sent)
 
@@ -167,8 +200,7 @@ async def test_one_lane_commits_one_batch_at_a_time() -> None:
     sent = [submit(manager, "a", 1), submit(manager, "b", 2)]
     await turns()
     assert store.batches == [["a", "b"]]
-    store.gate("a").set()
-    store.gate("b").set()
+    store.open("a", "b")
     await asyncio.gather(*sent)
     assert store.most_running == 1
     await manager.close()
