@@ -276,8 +276,11 @@ class _Committer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._lanes == 1:
-                await self._commit(taken.batches[0], taken)  # no task where none overlap
+            if len(taken.batches) == 1 and not self._running:
+                # Alone, it runs in this task: a task of its own would start only
+                # after everything else ready on the loop, and with 16 HTTP
+                # producers that turn cost 5-20 % of the appends per second.
+                await self._commit(taken.batches[0], taken)
                 continue
             for batch in taken.batches:
                 task = asyncio.create_task(self._commit(batch, taken), name="streamkeep-commit")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import pytest
 
@@ -103,37 +104,63 @@ async def test_appends_to_many_streams_are_split_across_the_lanes_by_stream() ->
     await manager.close()
 
 
+async def one_lane_busy_with_a(store: GatedStore, manager: StreamManager) -> asyncio.Future[Any]:
+    """Appends to "a" and "b" split across the lanes; "b"'s commit is done,
+    "a"'s still runs (in a lane of its own, as a commit beside another does)."""
+    both = asyncio.gather(submit(manager, "a", "a1"), submit(manager, "b", "b1"))
+    await turns()
+    assert store.running == 2
+    store.open("b")
+    await turns()
+    assert store.running == 1
+    return both
+
+
 async def test_a_stream_being_committed_waits_for_its_commit_so_its_order_holds() -> None:
     store = GatedStore(lanes=2)
-    manager = await started(store, "a", "b")
-    first = submit(manager, "a", 1)
+    manager = await started(store, "a", "b", "c")
+    first = await one_lane_busy_with_a(store, manager)
+    second = submit(manager, "a", "a2")
+    other = submit(manager, "c", "c1")
     await turns()
-    second = submit(manager, "a", 2)
-    other = submit(manager, "b", "x")
-    await turns()
-    # "a" is in the first commit: its second append waits, and so does "b"
+    # "a" is in the running commit: its second append waits, and so does "c"
     # behind it, to keep the queue's order.
-    assert store.batches == [["a"]]
-    store.open("a", "b")
+    assert store.running == 1 and len(store.batches) == 2
+    store.open("a", "c")
     await asyncio.gather(first, second, other)
-    assert await values(manager, "a") == [1, 2]
+    assert await values(manager, "a") == ["a1", "a2"]
     await manager.close()
 
 
 async def test_a_few_appends_wait_for_the_running_commit_instead_of_a_lane_of_their_own() -> None:
     store = GatedStore(lanes=2)
     manager = await started(store, "a", "b", "c")
-    first = submit(manager, "a", 1)
-    await turns()
+    first = await one_lane_busy_with_a(store, manager)
     few = [submit(manager, "b", 2, events=LANE // 4), submit(manager, "c", 3, events=LANE // 4)]
     await turns()
-    assert store.batches == [["a"]]  # not worth a commit of their own yet
+    assert len(store.batches) == 2  # not worth a commit of their own yet
     enough = submit(manager, "c", 4, events=LANE)
     await turns()
-    assert store.batches == [["a"], ["b", "c", "c"]]
-    store.open("a", "b", "c")
+    assert store.batches[2:] == [["b", "c", "c"]]
+    store.open("a", "c")
     await asyncio.gather(first, *few, enough)
     assert await values(manager, "c") == [3, 4]
+    await manager.close()
+
+
+async def test_a_commit_alone_runs_in_the_committer_itself() -> None:
+    """No task of its own: it would start only after everything else ready on
+    the loop. Meanwhile nothing else starts, however much is queued."""
+    store = GatedStore(lanes=2)
+    manager = await started(store, "a", "b")
+    first = submit(manager, "a", 1)
+    await turns()
+    second = submit(manager, "b", 2, events=LANE * 2)
+    await turns()
+    assert store.batches == [["a"]]
+    assert manager._committer is not None and not manager._committer._running
+    store.open("a", "b")
+    await asyncio.gather(first, second)
     await manager.close()
 
 
