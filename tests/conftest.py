@@ -107,7 +107,8 @@ async def make_manager(database_url: str, clock: FakeClock) -> AsyncIterator[Man
     """
     made: list[StreamManager] = []
     # Two commit lanes, as on Postgres: its commits never wait, but the
-    # committer splits and settles as it does there.
+    # committer takes and settles as it does there (and splits what it takes
+    # from 64 events on; tests/log/test_commit_lanes.py checks the lanes).
     shared_store = MemoryStore(commit_lanes=2)
 
     def factory(commit_lanes: int | None = None, **kwargs: Any) -> StreamManager:
