@@ -139,14 +139,14 @@ LANE_MIN_EVENTS = 32
 
 
 class _Taken:
-    """Appends taken off the queue together, and the commits they went into."""
+    """Appends taken off the queue together: how many, and how many of the
+    commits they went into are not done."""
 
-    __slots__ = ("appends", "batches", "left")
+    __slots__ = ("appends", "left")
 
-    def __init__(self, appends: int, batches: list[list[_Pending]]) -> None:
+    def __init__(self, appends: int, commits: int) -> None:
         self.appends = appends
-        self.batches = batches
-        self.left = len(batches)  # commits not done
+        self.left = commits
 
 
 def split_by_stream(appends: list[_Pending], parts: int) -> list[list[_Pending]]:
@@ -269,20 +269,21 @@ class _Committer:
 
     async def _run(self) -> None:
         while True:
-            taken = self._take()
-            if taken is None:
+            took = self._take()
+            if took is None:
                 if not self._pending and not self._running:
                     self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if len(taken.batches) == 1 and not self._running:
+            taken, batches = took
+            if len(batches) == 1 and not self._running:
                 # Alone, it runs in this task: a task of its own would start only
                 # after everything else ready on the loop, and with 16 HTTP
                 # producers that turn cost 5-20 % of the appends per second.
-                await self._commit(taken.batches[0], taken)
+                await self._commit(batches[0], taken)
                 continue
-            for batch in taken.batches:
+            for batch in batches:
                 task = asyncio.create_task(self._commit(batch, taken), name="streamkeep-commit")
                 self._running.add(task)
                 task.add_done_callback(self._lane_done)
@@ -292,7 +293,7 @@ class _Committer:
         if not self._wake.is_set():
             self._wake.set()
 
-    def _take(self) -> _Taken | None:
+    def _take(self) -> tuple[_Taken, list[list[_Pending]]] | None:
         """The queued appends to commit now, split across the free lanes, or None.
 
         Taken in order, up to max_batch events (coalesced pushes hold many),
@@ -314,11 +315,11 @@ class _Committer:
             return None
         appends = [pending.popleft() for _ in range(count)]
         parts = min(free, events // LANE_MIN_EVENTS)
-        taken = _Taken(count, split_by_stream(appends, parts) if parts > 1 else [appends])
+        batches = split_by_stream(appends, parts) if parts > 1 else [appends]
+        taken = _Taken(count, len(batches))
         self._taken.append(taken)
-        for batch in taken.batches:
-            committing.update(p.request.stream_id for p in batch)
-        return taken
+        committing.update(p.request.stream_id for p in appends)
+        return taken, batches
 
     async def _commit(self, batch: list[_Pending], taken: _Taken) -> None:
         manager = self._manager
@@ -391,8 +392,6 @@ class _Committer:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
-        for task in list(self._running):
-            await cancel_and_wait(task)
 
 
 def _unexpected(exc: BaseException) -> StreamError:

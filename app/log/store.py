@@ -318,6 +318,10 @@ def expiry(
     (the row itself is built once, with the expiry this returns).
     """
     finished_at = finished_at or info.finished_at
+    if info.idle_ttl_seconds is None and finished_at is None:
+        # An unfinished stream without a sliding retention: its hard limit only
+        # (the common append, once per stream of every commit: no list, no min).
+        return info.hard_expires_at
     limits: list[datetime] = []
     if info.hard_expires_at is not None:
         limits.append(info.hard_expires_at)
@@ -376,11 +380,7 @@ def _advance(
     elif info.idle_timeout_seconds is not None and "abandon_at" not in changes:
         changes["abandon_at"] = abandon_after_write(info, now)
     # A write is an access: it renews a sliding retention, and a finish starts the TTL.
-    if info.idle_ttl_seconds is None and finished_at is None and info.finished_at is None:
-        # What expiry() gives an unfinished stream without one, without its call.
-        changes["expires_at"] = info.hard_expires_at
-    else:
-        changes["expires_at"] = expiry(info, now, finished_at)
+    changes["expires_at"] = expiry(info, now, finished_at)
     # Only these can differ from `info`: a store writes them and nothing else.
     columns = tuple([name for name, value in changes.items() if value != getattr(info, name)])
     return with_changes(info, changes), columns
