@@ -739,6 +739,10 @@ class StreamManager:
         self._committer: _Committer | None = None
         self._tails: dict[str, _Tail] = {}
         self._committing: set[str] = set()  # streams with a commit in flight
+        # Commits and hints this process had no tail for, counted: a reader whose
+        # first tail of a stream is made after reading the stream's row learns
+        # from it whether something could have been committed meanwhile.
+        self._untailed_news = 0
         self._started = False
         self.stats = LogStats()
         self.open_streams_seen = 0
@@ -998,15 +1002,16 @@ class StreamManager:
         `idle_seconds`, an empty list comes whenever that long passes without
         an event: the SSE protocols' keepalive tick, at no cost per event.
         """
+        news = self._untailed_news
         info = await self.info(stream_id)
         self._check_reader_capacity(stream_id)
-        return self._follow(info, after or 0, idle_seconds)
+        return self._follow(info, news, after or 0, idle_seconds)
 
     async def _follow(
-        self, info: StreamInfo, cursor: int, idle_seconds: float | None = None
+        self, info: StreamInfo, news: int, cursor: int, idle_seconds: float | None = None
     ) -> AsyncIterator[list[Event]]:
         stream_id = info.id
-        tail = self._attach(stream_id, info.last_seq)
+        tail = self._attach(stream_id, info.last_seq, news)
         idle = None if idle_seconds is None else _IdleTimer(idle_seconds)
         # A first page of unknown event sizes is kept small; the next ones are
         # sized from the events read so far.
@@ -1044,7 +1049,9 @@ class StreamManager:
                 idle.cancel()
             self._detach(tail)
 
-    def _attach(self, stream_id: str, known_last: int) -> _Tail:
+    def _attach(self, stream_id: str, known_last: int, news: int) -> _Tail:
+        """The stream's tail, made if it has none; `known_last` is the stream's
+        last seq as read when `self._untailed_news` was `news`."""
         if self._rechecker is None or self._rechecker.done():
             self._rechecker = asyncio.create_task(self._recheck_tails(), name="streamkeep-recheck")
         tail = self._tails.get(stream_id)
@@ -1052,6 +1059,12 @@ class StreamManager:
             tail = _Tail(self, stream_id, known_last)
             tail.failure = self._stopped
             self._tails[stream_id] = tail
+            if self._untailed_news != news:
+                # Committed here, or hinted from elsewhere, while no tail could
+                # take it: the row read may be older than that. Without this a
+                # reader caught up at that row waited for the next commit or the
+                # safety recheck (30 s) for events already stored.
+                tail.request_refresh()
         elif known_last > tail.last_seq:
             tail.request_refresh()
         tail.readers += 1
@@ -1083,7 +1096,10 @@ class StreamManager:
 
     def _publish(self, committed: list[Event]) -> None:
         """Hand freshly committed events to local tails: no read needed."""
-        if not committed or not self._tails:
+        if not committed:
+            return
+        if not self._tails:
+            self._untailed_news += 1
             return
         by_stream: dict[str, list[Event]] = {}
         for event in committed:
@@ -1092,6 +1108,8 @@ class StreamManager:
             tail = self._tails.get(stream_id)
             if tail is not None:
                 tail.offer(events)
+            else:
+                self._untailed_news += 1
 
     def _commit_finished(self, streams: Iterable[str]) -> None:
         for stream_id in streams:
@@ -1114,6 +1132,7 @@ class StreamManager:
         """Another process committed up to `last_seq` (negative: deleted; huge: unknown)."""
         tail = self._tails.get(stream_id)
         if tail is None:
+            self._untailed_news += 1
             return
         if last_seq < 0:
             tail.request_refresh(check_gone=True)
