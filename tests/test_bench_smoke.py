@@ -100,6 +100,10 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
     for key in ("append/pipelined-1", "append/writers16-1", "append/writers100-100"):
         assert by_key[key]["ratio_to"] == key.replace("append/", "db-ceiling/around-"), key
         assert by_key[key]["ratio"] is not None, key
+        # ... and again with no database: the log's own work per event beside both.
+        without = by_key[key.replace("append/", "append/memory-")]
+        assert without["status"] == "ok" and without["value"] > 0, without
+        assert "µs per event" in without["note"] and "per row" in without["note"], without
     # Every wrk run reports what a request cost the server (wrk is installed by .ci/run).
     for result in results:
         if result["status"] == "ok" and result["key"].startswith(("http-append/", "http-ceiling/")):
