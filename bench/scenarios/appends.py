@@ -22,6 +22,7 @@ from bench.context import Context
 from bench.results import Result, Target
 from bench.scenarios.ceilings import (
     AWAITED_16_ROWS_KEY,
+    AWAITED_100_ROWS_KEY,
     AWAITED_100_STREAMS_KEY,
     BATCH_ROWS,
     DB_SCENARIO,
@@ -123,7 +124,13 @@ def _cases(one: list[StreamWriter], hundred: list[StreamWriter]) -> list[_Case]:
             _sequential,
             same_work_to=AWAITED_16_ROWS_KEY,
         ),
-        _Case("100 writers, 1 stream", "writers100-1", one * 100, _sequential),
+        _Case(
+            "100 writers, 1 stream",
+            "writers100-1",
+            one * 100,
+            _sequential,
+            same_work_to=AWAITED_100_ROWS_KEY,
+        ),
         _Case(
             "100 writers, 100 streams",
             "writers100-100",

@@ -8,7 +8,7 @@
   Postgres with fsync on through asyncpg), one row per commit and 1,000 rows
   per commit. No SQLAlchemy, no asyncio thread hop: the raw limit.
 * The same work as the in-process writers that each await their commit: 16
-  rows into one stream, or one row into each of 100 streams, per commit, each
+  or 100 rows into one stream, or one row into each of 100 streams, per commit, each
   commit also moving the streams' rows as an append does. Concurrent writers
   cannot put more in a commit than there are writers, so this is their limit;
   the batched loop is the target's.
@@ -61,7 +61,9 @@ RAW_SINGLE_KEY = "db-ceiling/single"
 RAW_BATCHED_KEY = "db-ceiling/batched"
 RAW_16_ROWS_KEY = "db-ceiling/16-rows"
 RAW_100_STREAMS_KEY = "db-ceiling/100-streams"
+RAW_100_ROWS_KEY = "db-ceiling/100-rows"
 AWAITED_16_ROWS_KEY = "db-ceiling/16-rows-awaited"
+AWAITED_100_ROWS_KEY = "db-ceiling/100-rows-awaited"
 AWAITED_100_STREAMS_KEY = "db-ceiling/100-streams-awaited"
 
 
@@ -87,6 +89,13 @@ SAME_WORK = (
         1,
         16,
         AWAITED_16_ROWS_KEY,
+    ),
+    SameWork(
+        RAW_100_ROWS_KEY,
+        "100 rows into 1 stream + its row, per commit",
+        1,
+        100,
+        AWAITED_100_ROWS_KEY,
     ),
     SameWork(
         RAW_100_STREAMS_KEY,
