@@ -670,6 +670,73 @@ async def test_pushed_chunks_queued_together_stay_one_append_each(manager: Strea
     assert manager.stats.appends["api"] == 5 + 1 + 1 + 5
 
 
+async def test_sent_chunks_queued_together_stay_one_append_each(manager: StreamManager) -> None:
+    """Sends to one stream share a queued request and a commit; each is still
+    its own append, and its future holds its own event."""
+    writer = await manager.open("s")
+    other = await manager.open("t")
+    flow = manager.writer("s", origin="flow")
+    commits = CallCounter(manager.store, "commit")
+    sent = [writer.send(i) for i in range(100)]  # in one turn of the loop
+    await asyncio.gather(*sent)
+    [(requests, _now)] = commits.calls
+    assert [len(r.events) for r in requests] == [100]
+    # Interleaved with another stream, another origin, a push and an awaited
+    # write: each joins only the request queued right before it.
+    mixed = [writer.send("a"), other.send("t"), writer.send("b"), flow.send("c")]
+    writer.push("pushed")
+    mixed += [writer.send("d"), writer.send_event(NewEvent.chunk("e", type="typed"))]
+    await writer.write("f")
+    await writer.flush()
+    results = await asyncio.gather(*sent, *mixed)
+    assert [len(r) for r in results] == [1] * len(results)
+    assert [r[0].seq for r in results[:100]] == list(range(1, 101))
+    assert [r[0].json() for r in results[100:]] == ["a", "t", "b", "c", "d", "e"]
+    assert [(r[0].stream_id, r[0].seq) for r in results[100:]] == [
+        ("s", 101),
+        ("t", 1),
+        ("s", 102),
+        ("s", 103),
+        ("s", 105),
+        ("s", 106),
+    ]
+    assert results[-1][0].type == "typed"
+    events = await manager.read("s", limit=1000)
+    assert [e.json() for e in events[100:]] == ["a", "b", "c", "pushed", "d", "e", "f"]
+    assert all(e.batch_end for e in events)
+    assert manager.stats.appends == {"api": 100 + 6 + 1, "flow": 1}
+
+
+async def test_sent_chunks_after_the_stream_ended_each_fail(manager: StreamManager) -> None:
+    """Queued behind the end of their stream, sends queued together fail one by one."""
+    writer = await manager.open("s")
+    late = manager.writer("s")
+    ended = writer.send_event(NewEvent.chunk("last"))
+    done = asyncio.ensure_future(writer.done("out"))
+    await asyncio.sleep(0)  # done() queued its end
+    refused = [late.send(i) for i in range(3)]
+    outcomes = await asyncio.gather(*refused, return_exceptions=True)
+    assert (await ended)[0].seq == 1 and (await done).seq == 2
+    for outcome in outcomes:
+        assert isinstance(outcome, StreamError)
+        assert outcome.status is Status.FAILED_PRECONDITION
+    assert (await manager.info("s")).last_seq == 2
+
+
+async def test_sent_chunks_fill_group_commits_of_at_most_max_batch_events(
+    make_manager: ManagerFactory,
+) -> None:
+    manager = make_manager(max_batch=10)
+    await manager.start()
+    writer = await manager.open("s")
+    commits = manager.stats.commits
+    sent = [writer.send(i) for i in range(35)]
+    results = await asyncio.gather(*sent)
+    assert manager.stats.commits - commits == 4  # 10 + 10 + 10 + 5
+    assert [r[0].json() for r in results] == list(range(35))
+    assert [r[0].seq for r in results] == list(range(1, 36))
+
+
 async def test_an_idle_subscription_ticks_with_empty_batches(manager: StreamManager) -> None:
     """The SSE keepalive tick: an empty batch when nothing came for idle_seconds."""
     writer = await manager.open("s")
