@@ -229,7 +229,8 @@ class _Committer:
         Consecutive sends to one stream (a writer's pipelined chunks, or the
         chunks of writers that each await theirs) share one queued request,
         each event still its own append. A request, its queue entry, its plan
-        and its result per chunk were a third of the log's own work per event.
+        and its result per chunk were about half of the log's own work per
+        event (in-memory store, pipelined: 7.8-9.3 -> 3.4-4.2 µs).
         """
         future: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
         last = self._pending[-1] if self._pending else None
@@ -381,7 +382,8 @@ class _Committer:
         origins: dict[str, list[int]] = {}  # origin -> [appends, bytes], counted once a batch
         for p, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, StreamError):
-                stats.rejected_appends += 1
+                # A request of sent or pushed chunks is that many appends.
+                stats.rejected_appends += len(p.request.events) if p.request.separate else 1
                 p.fail(outcome)
                 continue
             committed.extend(outcome.events)

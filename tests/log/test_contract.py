@@ -721,6 +721,22 @@ async def test_sent_chunks_after_the_stream_ended_each_fail(manager: StreamManag
         assert isinstance(outcome, StreamError)
         assert outcome.status is Status.FAILED_PRECONDITION
     assert (await manager.info("s")).last_seq == 2
+    assert manager.stats.rejected_appends == 3  # appends, not queued requests
+
+
+async def test_refused_pushes_count_as_one_rejected_append_each(manager: StreamManager) -> None:
+    """Regression: pushes queued together were counted as one rejected append."""
+    writer = await manager.open("s")
+    late = manager.writer("s")
+    done = asyncio.ensure_future(writer.done("out"))
+    await asyncio.sleep(0)  # done() queued its end
+    for i in range(4):
+        late.push(i)
+    with pytest.raises(StreamError) as err:
+        await late.flush()
+    assert err.value.status is Status.FAILED_PRECONDITION
+    assert (await done).seq == 1
+    assert manager.stats.rejected_appends == 4
 
 
 async def test_sent_chunks_fill_group_commits_of_at_most_max_batch_events(
