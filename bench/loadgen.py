@@ -220,6 +220,13 @@ async def start_noop_server() -> HttpServer:
     return await HttpServer.start("noop-server", ["-m", "bench.noop_server", str(port)], port)
 
 
+async def start_durable_noop(database_url: str, streams: int) -> HttpServer:
+    """The no-op endpoint made durable and nothing more (bench.durable_noop), on SQLite."""
+    port = free_port()
+    argv = ["-m", "bench.durable_noop", str(port), database_url, str(streams)]
+    return await HttpServer.start("durable-noop", argv, port)
+
+
 async def start_streamkeep(database_url: str) -> HttpServer:
     """The real service, as an operator starts it: `streamkeep serve`, one uvicorn worker."""
     port = free_port()

@@ -1,17 +1,21 @@
 """The ceilings every other figure is a ratio to, measured in the same run.
 
 * HTTP: wrk against a no-op Litestar endpoint served like streamkeep. This is
-  both the load generator's and the framework's ceiling: streamkeep's HTTP
-  scenarios cannot beat it.
+  both the load generator's and the framework's ceiling for a handler of its
+  own (streamkeep's appends, answered past the handler pipeline, can beat it).
+  The scenario of HTTP appends adds the least durable endpoint on SQLite
+  (bench.durable_noop, from the same-work pieces below).
 * Database: a plain insert loop into the same `events` table with the same
   durability (SQLite WAL + synchronous=NORMAL through the stdlib driver;
   Postgres with fsync on through asyncpg), one row per commit and 1,000 rows
-  per commit. No SQLAlchemy, no asyncio thread hop: the raw limit.
+  per commit. No SQLAlchemy, no asyncio thread hop, SQLite's own automatic
+  checkpoints: the raw limit.
 * The same work as the in-process writers that each await their commit: 16
   or 100 rows into one stream, or one row into each of 100 streams, per commit, each
   commit also moving the streams' rows as an append does. Concurrent writers
   cannot put more in a commit than there are writers, so this is their limit;
-  the batched loop is the target's.
+  the batched loop is the target's. On SQLite these checkpoint as the service
+  does, off the loop's thread.
 * That same work once more, by that many writers that each await their commit
   through the least asyncio they need: one queue, one committer task, a
   future per append, and none of the log's own work (no rows read or planned,
@@ -36,6 +40,7 @@ from itertools import count
 import asyncpg
 
 from app.log.db import asyncpg_dsn, normalize_url
+from app.log.sqlite_inline import CHECKPOINT_PAGES, PAGES_PER_COMMIT
 from bench.context import Context
 from bench.loadgen import (
     WRK_MISSING,
@@ -155,7 +160,7 @@ async def db_ceiling(ctx: Context) -> list[Result]:
     awaited: list[float] = []
     if ctx.db == "sqlite":
         single, batched = _sqlite_raw(ctx.database_url, seconds)
-        writer = functools.partial(_sqlite_writer, ctx.database_url)
+        writer = functools.partial(sqlite_writer, ctx.database_url)
     else:
         single, batched = await _postgres_raw(ctx.database_url, seconds)
         writer = functools.partial(_postgres_writer, ctx.database_url)
@@ -241,11 +246,11 @@ CREATE_STREAM = (
 RawRates = tuple[tuple[float, list[float]], float]
 
 
-def _sqlite_connect(url: str) -> sqlite3.Connection:
+def _sqlite_connect(url: str, *, any_thread: bool = False) -> sqlite3.Connection:
     """A connection with the service's durability (WAL, synchronous=NORMAL)."""
     path = normalize_url(url).database
     assert path is not None
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=not any_thread)
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
         conn.execute(f"PRAGMA {pragma}")
     return conn
@@ -365,16 +370,35 @@ def _same_work_ids(work: SameWork, run: str) -> list[str]:
 Commit = Callable[[Batch], Awaitable[None]]
 
 
+# The service's cadence for commits of small rows: a passive checkpoint once the
+# commits since the last one wrote about as many pages as SQLite's automatic one
+# waits for (app.log.sqlite_inline).
+COMMITS_PER_CHECKPOINT = CHECKPOINT_PAGES // PAGES_PER_COMMIT
+
+
 @contextlib.asynccontextmanager
-async def _sqlite_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
-    """A connection with `ids` created, and what commits one batch on it."""
-    conn = _sqlite_connect(url)
+async def sqlite_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
+    """A connection with `ids` created, and what commits one batch on it.
+
+    Checkpoints as the service makes them: none inside a commit, a passive one
+    on a worker thread every COMMITS_PER_CHECKPOINT commits, which the next
+    commit waits for. SQLite's automatic one would run inside a commit on the
+    loop's thread, milliseconds of I/O the service does not spend there.
+    """
+    conn = _sqlite_connect(url, any_thread=True)
+    checkpoint: asyncio.Future[None] | None = None
+    commits = 0
     try:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         now = _sqlite_now()
         for stream_id in ids:
             conn.execute(CREATE_STREAM.format(p="?", t="?"), (stream_id, now, now, now))
 
         async def commit(batch: Batch) -> None:
+            nonlocal checkpoint, commits
+            if checkpoint is not None:
+                await checkpoint
+                checkpoint = None
             moved, rows = batch
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(MOVE_STREAM_SQLITE, [(q, now, now, s) for s, q in moved.items()])
@@ -382,15 +406,25 @@ async def _sqlite_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
                 INSERT_SQLITE, [(s, q, "chunk", None, SMALL_EVENT_BYTES, now) for s, q in rows]
             )
             conn.execute("COMMIT")
+            commits += 1
+            if commits % COMMITS_PER_CHECKPOINT == 0:
+                checkpoint = asyncio.ensure_future(asyncio.to_thread(_checkpoint, conn))
 
         yield commit
     finally:
+        if checkpoint is not None:
+            await checkpoint
         conn.close()
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    # Read to the end: a statement left with a row to return stays active.
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
 
 @contextlib.asynccontextmanager
 async def _postgres_writer(url: str, ids: list[str]) -> AsyncIterator[Commit]:
-    """As _sqlite_writer: each commit one statement in autocommit."""
+    """As sqlite_writer: each commit one statement in autocommit."""
     conn = await asyncpg.connect(asyncpg_dsn(normalize_url(url)))
     try:
         now = datetime.now(UTC)
@@ -441,7 +475,7 @@ async def _loop_rate(commit: Commit, ids: list[str], rows_each: int, seconds: fl
     return written / (time.perf_counter() - started)
 
 
-class _BareGroupCommit:
+class BareGroupCommit:
     """Group commit with nothing but asyncio around the database: appends queue
     with a future each, and one task commits whatever is queued when it runs."""
 
@@ -478,7 +512,7 @@ class _BareGroupCommit:
 
 async def _awaited_rate(commit: Commit, ids: list[str], writers_each: int, seconds: float) -> float:
     """Appends per second by `writers_each` writers per stream, each awaiting its commit."""
-    group = _BareGroupCommit(commit, ids)
+    group = BareGroupCommit(commit, ids)
     committer = asyncio.create_task(group.run())
     running = until(seconds)
 

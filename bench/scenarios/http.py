@@ -6,6 +6,11 @@ one uvicorn worker). Throughput is reported as a ratio to the no-op endpoint,
 measured right before and right after each case. Afterwards the streams are
 read back: every acknowledged append must be there (acknowledged only after
 commit).
+
+On SQLite each case is also measured against the least durable endpoint
+(bench.durable_noop: the no-op made durable, nothing more) under the same
+load: what the framework and the database reach together, without the
+protocol and the log.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import uuid
 import httpx
 
 from bench.context import Context
+from bench.durable_noop import stream_ids as durable_stream_ids
 from bench.endpoints import APPEND_ENDPOINTS, AppendEndpoint
 from bench.loadgen import (
     WRK_MISSING,
@@ -23,13 +29,15 @@ from bench.loadgen import (
     LoadResult,
     cpu_per_request,
     run_wrk,
+    start_durable_noop,
     start_noop_server,
     start_streamkeep,
     wrk_available,
 )
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
-from bench.scenarios.ceilings import HTTP_SCENARIO, measure_noop
+from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
+from bench.workload import SMALL_EVENT_BYTES
 
 SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
@@ -119,16 +127,57 @@ async def run(ctx: Context) -> list[Result]:
                     why = "pending endpoint: not on this branch yet"
                     results.append(pending(SCENARIO, case, f"http-append/{name}", why))
                     continue
+                durable = None
+                if ctx.db == "sqlite":
+                    durable = await measure_durable_noop(ctx, streams, seconds)
                 after = await measure_noop(noop, seconds)
                 ceiling = _ceiling_around(case, name, before, after)
                 results.append(ceiling)
-                results.append(
-                    append_result(
-                        SCENARIO, case, f"http-append/{name}", *measured, targets, ceiling.key
-                    )
+                appended = append_result(
+                    SCENARIO, case, f"http-append/{name}", *measured, targets, ceiling.key
                 )
+                if durable is not None:
+                    results.append(_durable_result(case, streams, durable, ceiling.key))
+                    appended.same_work_to = results[-1].key
+                results.append(appended)
                 before = after
     return results
+
+
+async def measure_durable_noop(ctx: Context, streams: int, seconds: float) -> LoadResult:
+    """wrk's same append load against bench.durable_noop, on a database of its own."""
+    database_url = f"sqlite:///{ctx.scratch / f'durable-noop-{streams}.db'}"
+    server = await start_durable_noop(database_url, streams)
+    try:
+        load = HttpLoad(
+            base_url=server.base_url,
+            paths=[f"/durable/{stream_id}" for stream_id in durable_stream_ids(streams)],
+            headers={"Content-Type": "application/json"},
+            body=SMALL_EVENT_BYTES,
+            connections=PRODUCERS,
+            seconds=seconds,
+        )
+        return await run_wrk(load, server.pid)
+    finally:
+        await server.stop()
+
+
+def _durable_result(case: str, streams: int, measured: LoadResult, ratio_to: str) -> Result:
+    return Result(
+        HTTP_SCENARIO,
+        f"the least durable endpoint: no-op + bare group commit, {streams} stream(s)",
+        f"{HTTP_CEILING_KEY}-durable-{streams}",
+        value=measured.per_second,
+        unit="appends/s",
+        p50_ms=measured.p50_ms,
+        p99_ms=measured.p99_ms,
+        ratio_to=ratio_to,
+        status="failed" if measured.socket_errors or measured.non_2xx else "ok",
+        note=f"the same load as {case}; answered past the handler pipeline, each append "
+        f"committed (stdlib driver) before its 204; no protocol, no log; server CPU "
+        f"{measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
+        extra=measured.extra(),
+    )
 
 
 def _ceiling_around(case: str, name: str, before: LoadResult, after: LoadResult) -> Result:
