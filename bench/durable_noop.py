@@ -27,11 +27,11 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator
 
-import uvicorn
 from litestar import Litestar, get, post
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from app.migrate import upgrade
+from bench.noop_server import serve
 from bench.scenarios.ceilings import BareGroupCommit, sqlite_writer
 
 ANSWER_START = {
@@ -87,17 +87,5 @@ def create_app(database_url: str, streams: int) -> Litestar:
     return Litestar(route_handlers=[durable_append, healthz], lifespan=[lifespan])
 
 
-def main(port: int, database_url: str, streams: int) -> None:
-    # The same uvicorn settings as the no-op server and `streamkeep serve`.
-    uvicorn.run(
-        create_app(database_url, streams),
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=10,
-    )
-
-
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    serve(create_app(sys.argv[2], int(sys.argv[3])), int(sys.argv[1]))

@@ -30,10 +30,10 @@ def healthz() -> dict[str, str]:
 app = Litestar(route_handlers=[noop_append, healthz])
 
 
-def main(port: int) -> None:
+def serve(asgi_app: Litestar, port: int) -> None:
     # The same uvicorn settings as app.cli's serve command: one worker, default loop and parser.
     uvicorn.run(
-        app,
+        asgi_app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -43,4 +43,4 @@ def main(port: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    serve(app, int(sys.argv[1]))
