@@ -115,7 +115,7 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
             assert all(run["server_cpu_per_request_us"] > 0 for run in runs), result
             assert "µs server CPU per request" in result["note"], result
     # On SQLite each HTTP append case also runs against the least durable endpoint
-    # (bench.durable_noop), and every append it acknowledged was answered 204.
+    # (bench.durable_noop): every request answered 204, every one of them committed.
     for streams in (1, 100):
         appended = by_key.get(f"http-append/durable-streams-{streams}")
         if db != "sqlite" or appended is None or appended["status"] != "ok":
@@ -123,5 +123,6 @@ def test_smoke_run_produces_well_formed_results(db: str, tmp_path: Path) -> None
         durable = by_key[f"http-ceiling/noop-durable-{streams}"]
         assert durable["status"] == "ok", durable
         assert durable["value"] > 0 and durable["extra"]["non_2xx"] == 0, durable
+        assert durable["extra"]["committed"] >= durable["extra"]["requests"], durable
         assert durable["ratio_to"] == appended["ratio_to"], durable
         assert appended["same_work_to"] == durable["key"], appended

@@ -16,6 +16,7 @@ protocol and the log.
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import uuid
 
 import httpx
@@ -137,17 +138,20 @@ async def run(ctx: Context) -> list[Result]:
                     SCENARIO, case, f"http-append/{name}", *measured, targets, ceiling.key
                 )
                 if durable is not None:
-                    results.append(_durable_result(case, streams, durable, ceiling.key))
+                    results.append(_durable_result(case, streams, *durable, ceiling.key))
                     appended.same_work_to = results[-1].key
                 results.append(appended)
                 before = after
     return results
 
 
-async def measure_durable_noop(ctx: Context, streams: int, seconds: float) -> LoadResult:
-    """wrk's same append load against bench.durable_noop, on a database of its own."""
-    database_url = f"sqlite:///{ctx.scratch / f'durable-noop-{streams}.db'}"
-    server = await start_durable_noop(database_url, streams)
+async def measure_durable_noop(
+    ctx: Context, streams: int, seconds: float
+) -> tuple[LoadResult, int]:
+    """wrk's same append load against bench.durable_noop, on a database of its
+    own, and how many events that database holds afterwards."""
+    path = ctx.scratch / f"durable-noop-{streams}.db"
+    server = await start_durable_noop(f"sqlite:///{path}", streams)
     try:
         load = HttpLoad(
             base_url=server.base_url,
@@ -157,12 +161,19 @@ async def measure_durable_noop(ctx: Context, streams: int, seconds: float) -> Lo
             connections=PRODUCERS,
             seconds=seconds,
         )
-        return await run_wrk(load, server.pid)
+        measured = await run_wrk(load, server.pid)
     finally:
         await server.stop()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (committed,) = db.execute("SELECT count(*) FROM events").fetchone()
+    return measured, int(committed)
 
 
-def _durable_result(case: str, streams: int, measured: LoadResult, ratio_to: str) -> Result:
+def _durable_result(
+    case: str, streams: int, measured: LoadResult, committed: int, ratio_to: str
+) -> Result:
+    acknowledged = measured.requests - measured.non_2xx
+    lost = committed < acknowledged
     return Result(
         HTTP_SCENARIO,
         f"the least durable endpoint: no-op + bare group commit, {streams} stream(s)",
@@ -172,11 +183,12 @@ def _durable_result(case: str, streams: int, measured: LoadResult, ratio_to: str
         p50_ms=measured.p50_ms,
         p99_ms=measured.p99_ms,
         ratio_to=ratio_to,
-        status="failed" if measured.socket_errors or measured.non_2xx else "ok",
+        status="failed" if lost or measured.socket_errors or measured.non_2xx else "ok",
         note=f"the same load as {case}; answered past the handler pipeline, each append "
-        f"committed (stdlib driver) before its 204; no protocol, no log; server CPU "
+        f"committed (stdlib driver) before its 204; no protocol, no log; "
+        f"{acknowledged:,} acknowledged, {committed:,} committed; server CPU "
         f"{measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
-        extra=measured.extra(),
+        extra={**measured.extra(), "committed": committed},
     )
 
 
