@@ -225,7 +225,7 @@ class _Committer:
         return future
 
     def send(self, stream_id: str, origin: str, event: NewEvent) -> asyncio.Future[list[Event]]:
-        """Queue one chunk with a future of its own (StreamWriter.send and write).
+        """Queue one chunk with a future of its own (StreamWriter.send, send_event, write).
 
         Consecutive sends to one stream (a writer's pipelined chunks, or the
         chunks of writers that each await theirs) share one queued request,

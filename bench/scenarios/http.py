@@ -38,7 +38,6 @@ from bench.loadgen import (
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
 from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
-from bench.workload import SMALL_EVENT_BYTES
 
 SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
@@ -55,19 +54,26 @@ async def measure_appends(
         for name in names:
             if not await endpoint.create(client, name):
                 return None
-        load = HttpLoad(
-            base_url=base_url,
-            paths=[endpoint.path(n) for n in names],
-            method=endpoint.append_method,
-            headers=endpoint.append_headers,
-            body=endpoint.body,
-            connections=PRODUCERS,
-            seconds=seconds,
-        )
+        load = append_load(endpoint, base_url, [endpoint.path(n) for n in names], seconds)
         measured = await run_wrk(load, server_pid)
         counts = [await endpoint.count(client, n) for n in names]
     committed = None if None in counts else sum(c or 0 for c in counts)
     return measured, committed
+
+
+def append_load(
+    endpoint: AppendEndpoint, base_url: str, paths: list[str], seconds: float
+) -> HttpLoad:
+    """The endpoint's append from PRODUCERS connections, round-robin over `paths`."""
+    return HttpLoad(
+        base_url=base_url,
+        paths=paths,
+        method=endpoint.append_method,
+        headers=endpoint.append_headers,
+        body=endpoint.body,
+        connections=PRODUCERS,
+        seconds=seconds,
+    )
 
 
 def append_result(
@@ -130,7 +136,7 @@ async def run(ctx: Context) -> list[Result]:
                     continue
                 durable = None
                 if ctx.db == "sqlite":
-                    durable = await measure_durable_noop(ctx, streams, seconds)
+                    durable = await measure_durable_noop(ctx, endpoint, streams, seconds)
                 after = await measure_noop(noop, seconds)
                 ceiling = _ceiling_around(case, name, before, after)
                 results.append(ceiling)
@@ -146,21 +152,15 @@ async def run(ctx: Context) -> list[Result]:
 
 
 async def measure_durable_noop(
-    ctx: Context, streams: int, seconds: float
+    ctx: Context, endpoint: AppendEndpoint, streams: int, seconds: float
 ) -> tuple[LoadResult, int]:
-    """wrk's same append load against bench.durable_noop, on a database of its
-    own, and how many events that database holds afterwards."""
+    """The endpoint's append load against bench.durable_noop, on a database of
+    its own, and how many events that database holds afterwards."""
     path = ctx.scratch / f"durable-noop-{streams}.db"
     server = await start_durable_noop(f"sqlite:///{path}", streams)
     try:
-        load = HttpLoad(
-            base_url=server.base_url,
-            paths=[f"/durable/{stream_id}" for stream_id in durable_stream_ids(streams)],
-            headers={"Content-Type": "application/json"},
-            body=SMALL_EVENT_BYTES,
-            connections=PRODUCERS,
-            seconds=seconds,
-        )
+        paths = [f"/durable/{stream_id}" for stream_id in durable_stream_ids(streams)]
+        load = append_load(endpoint, server.base_url, paths, seconds)
         measured = await run_wrk(load, server.pid)
     finally:
         await server.stop()
