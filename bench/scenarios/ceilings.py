@@ -40,6 +40,7 @@ from itertools import count
 import asyncpg
 
 from app.log.db import asyncpg_dsn, normalize_url
+from app.log.manager import let_arrivals_join
 from app.log.sqlite_inline import CHECKPOINT_PAGES, PAGES_PER_COMMIT
 from bench.context import Context
 from bench.loadgen import (
@@ -477,7 +478,8 @@ async def _loop_rate(commit: Commit, ids: list[str], rows_each: int, seconds: fl
 
 class BareGroupCommit:
     """Group commit with nothing but asyncio around the database: appends queue
-    with a future each, and one task commits whatever is queued when it runs."""
+    with a future each, and one task commits whatever is queued when it runs,
+    once the appends on their way have joined (as the StreamManager's do)."""
 
     def __init__(self, commit: Commit, ids: list[str]) -> None:
         self._commit = commit
@@ -494,6 +496,8 @@ class BareGroupCommit:
     async def run(self) -> None:
         while True:
             await self._wake.wait()
+            # As streamkeep's committer does: appends on their way join this commit.
+            await let_arrivals_join(lambda: len(self._queued))
             self._wake.clear()
             queued, self._queued = self._queued, []
             rows = []

@@ -16,6 +16,7 @@ import pytest
 from app.errors import Status, StreamError
 from app.log import Event, EventKind, NewEvent, StreamManager, StreamStatus
 from app.log.api import AppendRequest, Problem, decode_json
+from app.log.manager import ARRIVAL_TURNS
 from tests.conftest import ManagerFactory
 from tests.support import CallCounter, FakeClock
 
@@ -751,6 +752,34 @@ async def test_sent_chunks_fill_group_commits_of_at_most_max_batch_events(
     assert manager.stats.commits - commits == 4  # 10 + 10 + 10 + 5
     assert [r[0].json() for r in results] == list(range(35))
     assert [r[0].seq for r in results] == list(range(1, 36))
+
+
+async def test_appends_arriving_over_a_few_loop_turns_share_one_commit(
+    make_manager: ManagerFactory,
+) -> None:
+    """Guards the half-empty commits of HTTP appends: the first append woke the
+    committer before the requests read in the same turn of the event loop had
+    reached the log, so 16 producers made two commits of 7-8 appends where
+    one would do. Here each producer is one turn later than the one before."""
+    manager = make_manager(commit_lanes=1)
+    await manager.start()
+    ids = [f"s{i}" for i in range(3)]
+    for stream_id in ids:
+        await manager.open(stream_id)
+    commits = manager.stats.commits
+
+    async def producer(turns_late: int, stream_id: str) -> list[Event]:
+        for _ in range(turns_late):
+            await asyncio.sleep(0)
+        return await manager.append(stream_id, [NewEvent.chunk(turns_late)])
+
+    results = await asyncio.gather(*(producer(i, ids[i % 3]) for i in range(ARRIVAL_TURNS)))
+    assert manager.stats.commits - commits == 1
+    assert [r[0].json() for r in results] == list(range(ARRIVAL_TURNS))
+
+    # An append alone is not held back for turns that bring nothing.
+    await manager.append("s0", [NewEvent.chunk("alone")])
+    assert manager.stats.commits - commits == 2
 
 
 async def test_an_idle_subscription_ticks_with_empty_batches(manager: StreamManager) -> None:
