@@ -5,9 +5,10 @@ and server reach when every append is also committed, with nothing else done:
 the route answered past Litestar's handler pipeline, as streamkeep answers its
 Durable Streams appends; the body read; the append queued to a bare group
 committer (one queue, one committer task, a future per append: the in-process
-same-work ceilings' BareGroupCommit) that moves each stream's row and inserts
-the event with the stdlib driver, on the loop's thread, checkpointing off it as
-the service does. No protocol, no checks, no log.
+same-work ceilings' BareGroupCommit, gathering the appends on their way as the
+service does) that moves each stream's row and inserts the event with the
+stdlib driver, on the loop's thread, checkpointing off it as the service does.
+No protocol, no checks, no log.
 
 What streamkeep does beyond this (the protocol's headers and rules, the log's
 planning and checks, the access log, authorization) is its own cost; what
@@ -54,7 +55,7 @@ def create_app(database_url: str, streams: int) -> Litestar:
         await upgrade(database_url)
         ids = stream_ids(streams)
         async with sqlite_writer(database_url, ids) as commit:
-            group = BareGroupCommit(commit, ids)
+            group = BareGroupCommit(commit, ids, gather=True)
             committer.append(group)
             running = asyncio.create_task(group.run())
             try:

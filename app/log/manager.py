@@ -156,6 +156,12 @@ async def let_arrivals_join(queued: Callable[[], int], turns: int = ARRIVAL_TURN
     paying the transaction's fixed cost (BEGIN, the stream rows' pages written
     again, COMMIT). A turn costs microseconds and stops as soon as one brings
     nothing: an append alone is committed one turn later.
+
+    Only where a commit holds the loop's thread (SQLite). A Postgres commit
+    waits on the server while the loop reads the next requests: gathering
+    there put the 16 producers in lock step, the process idle during each
+    commit (100 streams: 80 % CPU against 92 %, 0.60-0.64 of the no-op
+    against 0.66-0.67).
     """
     for _ in range(turns):
         before = queued()
@@ -218,10 +224,14 @@ class _Committer:
     order.
     """
 
-    def __init__(self, manager: StreamManager, max_batch: int, lanes: int) -> None:
+    def __init__(
+        self, manager: StreamManager, max_batch: int, lanes: int, gather: bool = False
+    ) -> None:
         self._manager = manager
         self._max_batch = max_batch
         self._lanes = lanes
+        # Whether to let appends on their way join a commit (let_arrivals_join).
+        self._gather = gather
         self._running: set[asyncio.Task[None]] = set()  # commits in lanes of their own
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -336,8 +346,8 @@ class _Committer:
 
     async def _run(self) -> None:
         while True:
-            # Started or woken by an append: those on their way join its commit.
-            await let_arrivals_join(self._arrivals_so_far)
+            if self._gather:  # started or woken by an append: those on their way join it
+                await let_arrivals_join(self._arrivals_so_far)
             while (took := self._take()) is not None:
                 taken, batches = took
                 if len(batches) == 1 and not self._running:
@@ -965,7 +975,10 @@ class StreamManager:
 
     def _committer_started(self) -> _Committer:
         if self._committer is None:
-            self._committer = _Committer(self, self._max_batch, self.store.commit_lanes)
+            store = self.store
+            self._committer = _Committer(
+                self, self._max_batch, store.commit_lanes, store.commits_on_loop
+            )
         return self._committer
 
     async def settle_queued(self) -> None:

@@ -47,6 +47,7 @@ class MemoryStore:
         # Its commits never wait, so lanes do not overlap here; tests set more
         # to run the committer as it runs on Postgres.
         self.commit_lanes = commit_lanes
+        self.commits_on_loop = True
         self._streams: dict[str, _Stream] = {}
         self._sweep_lock = asyncio.Lock()
         self._failure: Exception | None = None

@@ -261,6 +261,9 @@ class SqlStore:
         )
         # SQLite has one writer; Postgres takes commits of disjoint streams at once.
         self.commit_lanes = 1 if self.dialect == "sqlite" else postgres_commit_lanes
+        # A commit on Postgres waits on the server: the appends that arrive
+        # meanwhile are read then, and go into the next commit.
+        self.commits_on_loop = self.dialect == "sqlite"
         # The committer's connections on Postgres, one per lane, kept like the
         # read pool's: checking a connection out of SQLAlchemy's pool for each
         # commit cost a third of a commit's main-thread CPU.

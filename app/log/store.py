@@ -40,6 +40,10 @@ class StreamStore(Protocol):
     name: str
     # How many commits may run at once, on disjoint streams (see _Committer).
     commit_lanes: int
+    # True when a commit occupies the event loop's thread until it is done
+    # (SQLite's inline commit, the in-memory store): nothing else can run
+    # meanwhile, so the committer first lets appends on their way join it.
+    commits_on_loop: bool
 
     async def create(self, spec: NewStream, now: datetime) -> StreamInfo:
         """Insert a stream with its initial events; an expired one with the same id is replaced.

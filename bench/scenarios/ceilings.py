@@ -478,11 +478,16 @@ async def _loop_rate(commit: Commit, ids: list[str], rows_each: int, seconds: fl
 
 class BareGroupCommit:
     """Group commit with nothing but asyncio around the database: appends queue
-    with a future each, and one task commits whatever is queued when it runs,
-    once the appends on their way have joined (as the StreamManager's do)."""
+    with a future each, and one task commits whatever is queued when it runs.
 
-    def __init__(self, commit: Commit, ids: list[str]) -> None:
+    With `gather`, appends on their way join a commit first, as they do in the
+    StreamManager on SQLite (let_arrivals_join): the least durable endpoint
+    gathers; the awaited writers, which all come back at once, need not.
+    """
+
+    def __init__(self, commit: Commit, ids: list[str], gather: bool = False) -> None:
         self._commit = commit
+        self._gather = gather
         self._last_seq = dict.fromkeys(ids, 0)
         self._queued: list[tuple[str, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -496,8 +501,8 @@ class BareGroupCommit:
     async def run(self) -> None:
         while True:
             await self._wake.wait()
-            # As streamkeep's committer does: appends on their way join this commit.
-            await let_arrivals_join(lambda: len(self._queued))
+            if self._gather:
+                await let_arrivals_join(lambda: len(self._queued))
             self._wake.clear()
             queued, self._queued = self._queued, []
             rows = []
