@@ -43,22 +43,42 @@ SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
 PRODUCERS = 16
 STREAM_COUNTS = (1, 100)
+COMMITS_METRIC = "streamkeep_commits_total"
 
 
 async def measure_appends(
     endpoint: AppendEndpoint, base_url: str, server_pid: int, streams: int, seconds: float
-) -> tuple[LoadResult, int | None] | None:
-    """wrk appending over `streams` new streams; None if the server lacks the endpoint."""
+) -> tuple[LoadResult, int | None, int | None] | None:
+    """wrk appending over `streams` new streams: the load, the appends found
+    committed afterwards, and the server's group commits during the load (a
+    server without streamkeep's metrics: None). None if the server lacks the
+    endpoint."""
     names = [f"bench-{uuid.uuid4().hex[:8]}-{i}" for i in range(streams)]
     async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
         for name in names:
             if not await endpoint.create(client, name):
                 return None
         load = append_load(endpoint, base_url, [endpoint.path(n) for n in names], seconds)
+        commits_before = await commits_so_far(client)
         measured = await run_wrk(load, server_pid)
+        commits_after = await commits_so_far(client)
         counts = [await endpoint.count(client, n) for n in names]
     committed = None if None in counts else sum(c or 0 for c in counts)
-    return measured, committed
+    commits = None
+    if commits_before is not None and commits_after is not None:
+        commits = commits_after - commits_before
+    return measured, committed, commits
+
+
+async def commits_so_far(client: httpx.AsyncClient) -> int | None:
+    """streamkeep's count of group commits (/metrics), or None from another server."""
+    response = await client.get("/metrics")
+    if response.status_code != 200:
+        return None
+    for line in response.text.splitlines():
+        if line.startswith(f"{COMMITS_METRIC} "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def append_load(
@@ -82,12 +102,15 @@ def append_result(
     key: str,
     measured: LoadResult,
     committed: int | None,
+    commits: int | None,
     targets: list[Target],
     ratio_to: str,
 ) -> Result:
     acknowledged = measured.requests - measured.non_2xx
     lost = committed is not None and committed < acknowledged
     checked = "unchecked" if committed is None else f"{committed:,} committed"
+    if commits:  # how full the group commits were: the appends each took
+        checked += f" in {commits:,} commits ({acknowledged / commits:.1f} appends each)"
     return Result(
         scenario,
         case,
@@ -101,7 +124,7 @@ def append_result(
         status="failed" if lost or measured.socket_errors else "ok",
         note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
         f"server CPU {measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
-        extra={**measured.extra(), "committed": committed},
+        extra={**measured.extra(), "committed": committed, "commits": commits},
     )
 
 
