@@ -147,15 +147,16 @@ class _Pending:
 ARRIVAL_TURNS = 4
 
 
-async def let_arrivals_join(queued: Callable[[], int], turns: int = ARRIVAL_TURNS) -> None:
-    """Give the event loop a turn while appends keep arriving, up to `turns` times.
+async def let_arrivals_join(arrivals: Callable[[], int], turns: int = ARRIVAL_TURNS) -> None:
+    """Give the event loop a turn while appends keep arriving, up to `turns` times
+    (`arrivals` counts the appends queued so far).
 
     The first append wakes an idle committer before the requests read in the
     same turn of the loop have reached the log: with 16 HTTP producers, a
     commit took 7-8 appends and the rest made a commit of their own, each
     paying the transaction's fixed cost (BEGIN, the stream rows' pages written
-    again, COMMIT). A turn costs microseconds and stops as soon as one brings
-    nothing: an append alone is committed one turn later.
+    again, COMMIT). A turn costs microseconds, and the wait ends at the first
+    turn that brings nothing: an append alone is committed one turn later.
 
     Only where a commit holds the loop's thread (SQLite). A Postgres commit
     waits on the server while the loop reads the next requests: gathering
@@ -164,9 +165,9 @@ async def let_arrivals_join(queued: Callable[[], int], turns: int = ARRIVAL_TURN
     against 0.66-0.67).
     """
     for _ in range(turns):
-        before = queued()
+        before = arrivals()
         await asyncio.sleep(0)
-        if queued() == before:
+        if arrivals() == before:
             return
 
 
@@ -215,6 +216,10 @@ def split_by_stream(appends: list[_Pending], parts: int) -> list[list[_Pending]]
 
 class _Committer:
     """Group commit: whatever is pending when a transaction starts goes into it.
+
+    Where a commit holds the event loop's thread (SQLite), a committer started
+    or woken by an append first lets the appends on their way join it
+    (let_arrivals_join).
 
     A store with more than one commit lane (Postgres) runs that many commits at
     once, on disjoint streams: while one waits on the database, the process
