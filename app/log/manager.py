@@ -352,7 +352,7 @@ class _Committer:
     async def _run(self) -> None:
         while True:
             if self._gather:  # started or woken by an append: those on their way join it
-                await let_arrivals_join(self._arrivals_so_far)
+                await let_arrivals_join(lambda: self._arrivals)
             while (took := self._take()) is not None:
                 taken, batches = took
                 if len(batches) == 1 and not self._running:
@@ -369,9 +369,6 @@ class _Committer:
                 self._idle.set()
             self._wake.clear()
             await self._wake.wait()
-
-    def _arrivals_so_far(self) -> int:
-        return self._arrivals
 
     def _lane_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
