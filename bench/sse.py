@@ -336,7 +336,11 @@ async def produce_over_http(
 async def service_metrics(session: aiohttp.ClientSession) -> dict[str, float]:
     """The service's own counters from its Prometheus /metrics (unlabelled ones)."""
     async with session.get("/metrics") as response:
-        text = await response.text()
+        return unlabelled_metrics(await response.text())
+
+
+def unlabelled_metrics(text: str) -> dict[str, float]:
+    """streamkeep's unlabelled samples in a Prometheus text exposition, by name."""
     values = {}
     for line in text.splitlines():
         if line.startswith("streamkeep_") and "{" not in line:

@@ -38,12 +38,12 @@ from bench.loadgen import (
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
 from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
+from bench.sse import counted_since, unlabelled_metrics
 
 SCENARIO = "1 HTTP append"
 PEER_SCENARIO = "9 peer: Durable Streams ref."
 PRODUCERS = 16
 STREAM_COUNTS = (1, 100)
-COMMITS_METRIC = "streamkeep_commits_total"
 
 
 async def measure_appends(
@@ -59,26 +59,21 @@ async def measure_appends(
             if not await endpoint.create(client, name):
                 return None
         load = append_load(endpoint, base_url, [endpoint.path(n) for n in names], seconds)
-        commits_before = await commits_so_far(client)
+        before = await service_counters(client)
         measured = await run_wrk(load, server_pid)
-        commits_after = await commits_so_far(client)
+        after = await service_counters(client)
         counts = [await endpoint.count(client, n) for n in names]
     committed = None if None in counts else sum(c or 0 for c in counts)
     commits = None
-    if commits_before is not None and commits_after is not None:
-        commits = commits_after - commits_before
+    if before is not None and after is not None:
+        commits = counted_since(before, after, ("commits",))["commits"]
     return measured, committed, commits
 
 
-async def commits_so_far(client: httpx.AsyncClient) -> int | None:
-    """streamkeep's count of group commits (/metrics), or None from another server."""
+async def service_counters(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """streamkeep's counters from its /metrics, or None from another server."""
     response = await client.get("/metrics")
-    if response.status_code != 200:
-        return None
-    for line in response.text.splitlines():
-        if line.startswith(f"{COMMITS_METRIC} "):
-            return int(float(line.split()[1]))
-    return None
+    return unlabelled_metrics(response.text) if response.status_code == 200 else None
 
 
 def append_load(
