@@ -20,6 +20,7 @@ from typing import NamedTuple
 from app.log import Event, StreamManager, StreamWriter, create_manager
 from bench.context import Context
 from bench.results import Result, Target
+from bench.rounds import ROUNDS, Round, median_round, rounds_note
 from bench.scenarios.ceilings import (
     AWAITED_16_ROWS_KEY,
     AWAITED_100_ROWS_KEY,
@@ -101,15 +102,16 @@ async def _batched_loop(ctx: Context, when: str, seconds: float) -> float:
     return await batched_loop_rate(ctx.db, ctx.database_url, when, seconds)
 
 
-def _batched_around(case: _Case, before: float, after: float) -> Result:
-    """The raw batched loop just before and just after a case: what its ratio is to."""
+def _batched_around(case: _Case, median: Round[float, float]) -> Result:
+    """The raw batched loop just before and just after the case's median round:
+    what its ratio is to."""
     return Result(
         DB_SCENARIO,
         f"insert loop, {BATCH_ROWS} rows per commit, around: {case.name}",
         f"db-ceiling/around-{case.key}",
-        value=(before + after) / 2,
+        value=median.ceiling,
         unit="rows/s",
-        note=f"mean of {before:,.0f} just before and {after:,.0f} just after",
+        note=f"mean of {median.before:,.0f} just before and {median.after:,.0f} just after",
     )
 
 
@@ -149,38 +151,54 @@ def _cases(one: list[StreamWriter], hundred: list[StreamWriter]) -> list[_Case]:
 
 async def run(ctx: Context) -> list[Result]:
     seconds = ctx.size(3.0, 0.3)
+    rounds = ctx.size(ROUNDS, 1)
     results: list[Result] = []
-    # Per case held to the batched loop: its rate, and the loop's around it.
+    # Per case held to the batched loop: its median round's rate and the loop's around it.
     measured: dict[str, tuple[float, float]] = {}
     async with create_manager(ctx.database_url) as manager:
         one = await _open(manager, "one", 1)
         hundred = await _open(manager, "hundred", 100)
         before: float | None = None
         for case in _cases(one, hundred):
-            ratio_to = case.ratio_to
-            if ratio_to == RAW_BATCHED_KEY and before is None:
+            if case.ratio_to != RAW_BATCHED_KEY:
+                rate = await _measure(manager, case.writers, case.producer, seconds)
+                note = "ratio to raw 1-row commits" if case.ratio_to == RAW_SINGLE_KEY else ""
+                results.append(_case_result(case, rate, case.ratio_to, note))
+                continue
+            if before is None:
                 before = await _batched_loop(ctx, f"before-{case.key}", seconds)
-            rate = await _measure(manager, case.writers, case.producer, seconds)
-            if ratio_to == RAW_BATCHED_KEY and before is not None:
-                after = await _batched_loop(ctx, f"after-{case.key}", seconds)
-                around = _batched_around(case, before, after)
-                results.append(around)
-                ratio_to, before = around.key, after
-                measured[case.key] = (rate, around.value or 0.0)
-            results.append(
-                Result(
-                    SCENARIO,
-                    case.name,
-                    f"append/{case.key}",
-                    value=rate,
-                    unit="events/s",
-                    ratio_to=ratio_to,
-                    same_work_to=case.same_work_to,
-                    targets=[HALF_OF_BATCHED] if case.ratio_to == RAW_BATCHED_KEY else [],
-                    note="ratio to raw 1-row commits" if case.ratio_to == RAW_SINGLE_KEY else "",
-                )
+            done: list[Round[float, float]] = []
+            for number in range(rounds):
+                rate = await _measure(manager, case.writers, case.producer, seconds)
+                after = await _batched_loop(ctx, f"after-{case.key}-{number}", seconds)
+                done.append(Round(rate, before, after, rate, (before + after) / 2))
+                before = after
+            median = median_round(done)
+            around = _batched_around(case, median)
+            measured[case.key] = (median.rate, median.ceiling)
+            appended = _case_result(
+                case, median.rate, around.key, rounds_note(done, "the batched loop")
             )
+            appended.targets = [HALF_OF_BATCHED]
+            appended.extra["rounds"] = [
+                {"ratio": r.ratio, "events_per_second": r.rate, "loop_mean": r.ceiling}
+                for r in done
+            ]
+            results += [around, appended]
     return results + await _without_database(measured, seconds)
+
+
+def _case_result(case: _Case, rate: float, ratio_to: str, note: str) -> Result:
+    return Result(
+        SCENARIO,
+        case.name,
+        f"append/{case.key}",
+        value=rate,
+        unit="events/s",
+        ratio_to=ratio_to,
+        same_work_to=case.same_work_to,
+        note=note,
+    )
 
 
 async def _without_database(

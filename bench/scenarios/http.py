@@ -37,6 +37,7 @@ from bench.loadgen import (
 )
 from bench.peers import DURABLE_STREAMS_DIR, missing_node_harness, start_durable_streams_reference
 from bench.results import Result, Target, pending, skipped
+from bench.rounds import ROUNDS, Round, median_round, rounds_note
 from bench.scenarios.ceilings import HTTP_CEILING_KEY, HTTP_SCENARIO, measure_noop
 from bench.sse import counted_since, unlabelled_metrics
 
@@ -102,7 +103,6 @@ def append_result(
     ratio_to: str,
 ) -> Result:
     acknowledged = measured.requests - measured.non_2xx
-    lost = committed is not None and committed < acknowledged
     checked = "unchecked" if committed is None else f"{committed:,} committed"
     if commits:  # how full the group commits were: the appends each took
         checked += f" in {commits:,} commits ({acknowledged / commits:.1f} appends each)"
@@ -116,15 +116,22 @@ def append_result(
         p99_ms=measured.p99_ms,
         ratio_to=ratio_to,
         targets=targets,
-        status="failed" if lost or measured.socket_errors else "ok",
+        status="failed" if _lost(measured, committed) else "ok",
         note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
         f"server CPU {measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
         extra={**measured.extra(), "committed": committed, "commits": commits},
     )
 
 
+def _lost(measured: LoadResult, committed: int | None) -> bool:
+    """Appends acknowledged and not found committed, or connections that failed."""
+    acknowledged = measured.requests - measured.non_2xx
+    return bool((committed is not None and committed < acknowledged) or measured.socket_errors)
+
+
 async def run(ctx: Context) -> list[Result]:
-    """Each case between two runs of the no-op endpoint, its ratio to their mean.
+    """Each case in rounds between runs of the no-op endpoint (bench.rounds):
+    a round's ratio is to the mean of the no-op just before and just after it.
 
     The machine's speed drifts by 10-30 % within minutes; the no-op ceiling
     of the run's first scenario, minutes earlier, moved every ratio with it.
@@ -132,6 +139,7 @@ async def run(ctx: Context) -> list[Result]:
     if not wrk_available():
         return [skipped(SCENARIO, "HTTP appends", "http-append/skipped", WRK_MISSING)]
     seconds = ctx.size(5.0, 1.0)
+    rounds = ctx.size(ROUNDS, 1)
     ratio = 0.8 if ctx.db == "sqlite" else 0.6
     targets = [Target("ratio", ">=", ratio, f">= {ratio:.2f} of no-op")]
     results = []
@@ -145,28 +153,66 @@ async def run(ctx: Context) -> list[Result]:
             for streams in STREAM_COUNTS:
                 case = f"{endpoint.name}, {PRODUCERS} producers, {streams} stream(s)"
                 name = f"{endpoint.name.lower().replace(' ', '-')}-{streams}"
-                measured = await measure_appends(
-                    endpoint, server.base_url, server.pid, streams, seconds
-                )
-                if measured is None:
+                measured: list[Round[Appended, LoadResult]] = []
+                durable = None
+                for number in range(rounds):
+                    appended = await measure_appends(
+                        endpoint, server.base_url, server.pid, streams, seconds
+                    )
+                    if appended is None:
+                        break
+                    if number == 0 and ctx.db == "sqlite":
+                        durable = await measure_durable_noop(ctx, endpoint, streams, seconds)
+                    after = await measure_noop(noop, seconds)
+                    measured.append(_round(appended, before, after))
+                    before = after
+                if not measured:
                     why = "pending endpoint: not on this branch yet"
                     results.append(pending(SCENARIO, case, f"http-append/{name}", why))
                     continue
-                durable = None
-                if ctx.db == "sqlite":
-                    durable = await measure_durable_noop(ctx, endpoint, streams, seconds)
-                after = await measure_noop(noop, seconds)
-                ceiling = _ceiling_around(case, name, before, after)
-                results.append(ceiling)
-                appended = append_result(
-                    SCENARIO, case, f"http-append/{name}", *measured, targets, ceiling.key
-                )
-                if durable is not None:
-                    results.append(_durable_result(case, streams, *durable, ceiling.key))
-                    appended.same_work_to = results[-1].key
-                results.append(appended)
-                before = after
+                results.extend(_case_results(case, name, streams, measured, durable, targets))
     return results
+
+
+# What measure_appends found: the load, the appends committed, the group commits.
+Appended = tuple[LoadResult, int | None, int | None]
+
+
+def _round(
+    appended: Appended, before: LoadResult, after: LoadResult
+) -> Round[Appended, LoadResult]:
+    ceiling = (before.per_second + after.per_second) / 2
+    return Round(appended, before, after, appended[0].per_second, ceiling)
+
+
+def _case_results(
+    case: str,
+    name: str,
+    streams: int,
+    rounds: list[Round[Appended, LoadResult]],
+    durable: tuple[LoadResult, int] | None,
+    targets: list[Target],
+) -> list[Result]:
+    """The no-op around the median round, the least durable endpoint (SQLite)
+    and the case as the median round measured it; a loss in any round fails it."""
+    median = median_round(rounds)
+    ceiling = _ceiling_around(case, name, median.before, median.after)
+    appended = append_result(
+        SCENARIO, case, f"http-append/{name}", *median.measured, targets, ceiling.key
+    )
+    if any(_lost(*r.measured[:2]) for r in rounds):
+        appended.status = "failed"
+    note = rounds_note(rounds, "the no-op")
+    if note:
+        appended.note = f"{appended.note}; {note}"
+    appended.extra["rounds"] = [
+        {"ratio": r.ratio, "appends_per_second": r.rate, "noop_mean": r.ceiling} for r in rounds
+    ]
+    results = [ceiling]
+    if durable is not None:
+        results.append(_durable_result(case, streams, *durable, ceiling.key))
+        appended.same_work_to = results[-1].key
+    return [*results, appended]
 
 
 async def measure_durable_noop(
@@ -202,7 +248,8 @@ def _durable_result(
         p99_ms=measured.p99_ms,
         ratio_to=ratio_to,
         status="failed" if lost or measured.socket_errors or measured.non_2xx else "ok",
-        note=f"the same load as {case}; answered past the handler pipeline, each append "
+        note=f"the same load as {case}, after its first round; answered past the handler "
+        f"pipeline, each append "
         f"committed (stdlib driver) before its 204; no protocol, no log; "
         f"{acknowledged:,} acknowledged, {committed:,} committed; server CPU "
         f"{measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
