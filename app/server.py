@@ -25,7 +25,13 @@ from app.log.db import is_sqlite, normalize_url
 from app.log.tasks import cancel_and_wait
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
-from app.protocols import EXPOSED_HEADERS, close_bodies, protocol_lifespans, protocol_routers
+from app.protocols import (
+    BODIES_KEY,
+    EXPOSED_HEADERS,
+    close_bodies,
+    protocol_lifespans,
+    protocol_routers,
+)
 from app.protocols.openapi import openapi_config
 from app.protocols.ops import ops_router
 
@@ -139,7 +145,8 @@ def stream_guard(timeout: float) -> Any:
                 log.info("dropped a reader that accepted nothing for %.0f s", timeout)
             finally:
                 watch.dropped.discard(task)
-                await close_bodies(scope)
+                if BODIES_KEY in scope:  # a streaming response registered its bodies
+                    await close_bodies(scope)
 
         return handle
 

@@ -10,6 +10,7 @@ is the all-zero offset, as the conformance suite expects.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import random
@@ -121,8 +122,11 @@ def parse_fork_offset(value: str) -> int:
 # -- headers ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
 def media_type(content_type: str) -> str:
-    """What two content types are compared by: the media type, lowercased."""
+    """What two content types are compared by: the media type, lowercased.
+
+    Remembered: an append asks three times, of the same few types."""
     return content_type.split(";", 1)[0].strip().lower()
 
 
