@@ -20,7 +20,14 @@ from typing import Any
 
 import httpx
 
-from bench.procs import Child, cpu_seconds, free_port, python_env
+from bench.procs import (
+    Child,
+    busy_cores,
+    cpu_seconds,
+    free_port,
+    machine_cpu_ticks,
+    python_env,
+)
 
 WRK_MISSING = "wrk is not installed (apt-get install wrk; .ci/run installs it)"
 
@@ -49,6 +56,9 @@ class LoadResult:
     loadgen_cpu: float  # wrk's CPU time over wall time (1.0 = one core busy)
     server_cpu: float | None
     server_cpu_seconds: float | None = None  # the server's CPU time during the run
+    # The machine's busy cores during the run: the server, wrk, and a database
+    # server where there is one (they share the machine's cores).
+    machine_cores: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -70,7 +80,18 @@ class LoadResult:
             "loadgen_cpu": round(self.loadgen_cpu, 2),
             "server_cpu": None if self.server_cpu is None else round(self.server_cpu, 2),
             "server_cpu_per_request_us": _rounded(self.server_cpu_per_request_us),
+            "machine_cores": _rounded(self.machine_cores),
         }
+
+    def machine_note(self) -> str:
+        """How busy the machine was and who kept it busy, for a note ('' if unknown)."""
+        if self.machine_cores is None or self.server_cpu is None:
+            return ""
+        others = max(0.0, self.machine_cores - self.server_cpu - self.loadgen_cpu)
+        return (
+            f"; machine {self.machine_cores:.2f} of {os.cpu_count()} cores busy: server "
+            f"{self.server_cpu:.2f}, wrk {self.loadgen_cpu:.2f}, the rest {others:.2f}"
+        )
 
 
 def cpu_per_request(*runs: LoadResult) -> str:
@@ -123,6 +144,7 @@ async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
         script.write(lua_script(load))
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     server_before = cpu_seconds(server_pid) if server_pid else 0.0
+    machine_before = machine_cpu_ticks()
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         "wrk",
@@ -139,6 +161,7 @@ async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
     )
     stdout, stderr = await process.communicate()
     wall = time.monotonic() - started
+    machine = busy_cores(machine_before, machine_cpu_ticks())
     os.remove(script.name)
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     summary = _summary(stdout.decode(), stderr.decode())
@@ -156,6 +179,7 @@ async def run_wrk(load: HttpLoad, server_pid: int | None = None) -> LoadResult:
         loadgen_cpu=wrk_cpu / wall,
         server_cpu=None if server_seconds is None else server_seconds / wall,
         server_cpu_seconds=server_seconds,
+        machine_cores=machine,
     )
 
 

@@ -29,6 +29,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def machine_cpu_ticks() -> tuple[int, int]:
+    """The machine's CPU ticks so far, all cores: (busy, all). Idle and
+    waiting for I/O are not busy; steal time (the host's) counts as neither."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq = fields[:7]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How many of the machine's cores were busy between two machine_cpu_ticks()."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / total * (os.cpu_count() or 1) if total else 0.0
+
+
 def rss_mb(pid: int | str = "self") -> float:
     """Resident set size in MiB (VmRSS)."""
     return _status_kb(pid, "VmRSS") / 1024

@@ -131,7 +131,7 @@ async def http_ceiling(ctx: Context) -> list[Result]:
             p50_ms=measured.p50_ms,
             p99_ms=measured.p99_ms,
             note=f"server CPU {measured.server_cpu:.0%}, wrk CPU {measured.loadgen_cpu:.0%}"
-            f"{cpu_per_request(measured)}",
+            f"{cpu_per_request(measured)}{measured.machine_note()}",
             extra=measured.extra(),
         )
     ]

@@ -118,7 +118,8 @@ def append_result(
         targets=targets,
         status="failed" if _lost(measured, committed) else "ok",
         note=f"{acknowledged:,} acknowledged, {checked}; non-2xx {measured.non_2xx}; "
-        f"server CPU {measured.server_cpu or 0:.0%}{cpu_per_request(measured)}",
+        f"server CPU {measured.server_cpu or 0:.0%}{cpu_per_request(measured)}"
+        f"{measured.machine_note()}",
         extra={**measured.extra(), "committed": committed, "commits": commits},
     )
 
