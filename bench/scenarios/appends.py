@@ -151,7 +151,6 @@ def _cases(one: list[StreamWriter], hundred: list[StreamWriter]) -> list[_Case]:
 
 async def run(ctx: Context) -> list[Result]:
     seconds = ctx.size(3.0, 0.3)
-    rounds = ctx.size(ROUNDS, 1)
     results: list[Result] = []
     # Per case held to the batched loop: its median round's rate and the loop's around it.
     measured: dict[str, tuple[float, float]] = {}
@@ -167,12 +166,8 @@ async def run(ctx: Context) -> list[Result]:
                 continue
             if before is None:
                 before = await _batched_loop(ctx, f"before-{case.key}", seconds)
-            done: list[Round[float, float]] = []
-            for number in range(rounds):
-                rate = await _measure(manager, case.writers, case.producer, seconds)
-                after = await _batched_loop(ctx, f"after-{case.key}-{number}", seconds)
-                done.append(Round(rate, before, after, rate, (before + after) / 2))
-                before = after
+            done = await _in_rounds(ctx, manager, case, before)
+            before = done[-1].after
             median = median_round(done)
             around = _batched_around(case, median)
             measured[case.key] = (median.rate, median.ceiling)
@@ -186,6 +181,21 @@ async def run(ctx: Context) -> list[Result]:
             ]
             results += [around, appended]
     return results + await _without_database(measured, seconds)
+
+
+async def _in_rounds(
+    ctx: Context, manager: StreamManager, case: _Case, before: float
+) -> list[Round[float, float]]:
+    """The case's rounds, each followed by the batched loop (`before` is the
+    loop's last run before the first)."""
+    seconds = ctx.size(3.0, 0.3)
+    rounds: list[Round[float, float]] = []
+    for number in range(ctx.size(ROUNDS, 1)):
+        rate = await _measure(manager, case.writers, case.producer, seconds)
+        after = await _batched_loop(ctx, f"after-{case.key}-{number}", seconds)
+        rounds.append(Round(rate, before, after, rate, (before + after) / 2))
+        before = after
+    return rounds
 
 
 def _case_result(case: _Case, rate: float, ratio_to: str, note: str) -> Result:

@@ -27,6 +27,7 @@ from bench.endpoints import APPEND_ENDPOINTS, AppendEndpoint
 from bench.loadgen import (
     WRK_MISSING,
     HttpLoad,
+    HttpServer,
     LoadResult,
     cpu_per_request,
     run_wrk,
@@ -140,7 +141,6 @@ async def run(ctx: Context) -> list[Result]:
     if not wrk_available():
         return [skipped(SCENARIO, "HTTP appends", "http-append/skipped", WRK_MISSING)]
     seconds = ctx.size(5.0, 1.0)
-    rounds = ctx.size(ROUNDS, 1)
     ratio = 0.8 if ctx.db == "sqlite" else 0.6
     targets = [Target("ratio", ">=", ratio, f">= {ratio:.2f} of no-op")]
     results = []
@@ -154,19 +154,9 @@ async def run(ctx: Context) -> list[Result]:
             for streams in STREAM_COUNTS:
                 case = f"{endpoint.name}, {PRODUCERS} producers, {streams} stream(s)"
                 name = f"{endpoint.name.lower().replace(' ', '-')}-{streams}"
-                measured: list[Round[Appended, LoadResult]] = []
-                durable = None
-                for number in range(rounds):
-                    appended = await measure_appends(
-                        endpoint, server.base_url, server.pid, streams, seconds
-                    )
-                    if appended is None:
-                        break
-                    if number == 0 and ctx.db == "sqlite":
-                        durable = await measure_durable_noop(ctx, endpoint, streams, seconds)
-                    after = await measure_noop(noop, seconds)
-                    measured.append(_round(appended, before, after))
-                    before = after
+                measured, durable, before = await _in_rounds(
+                    ctx, endpoint, server, noop, streams, before
+                )
                 if not measured:
                     why = "pending endpoint: not on this branch yet"
                     results.append(pending(SCENARIO, case, f"http-append/{name}", why))
@@ -177,6 +167,31 @@ async def run(ctx: Context) -> list[Result]:
 
 # What measure_appends found: the load, the appends committed, the group commits.
 Appended = tuple[LoadResult, int | None, int | None]
+
+
+async def _in_rounds(
+    ctx: Context,
+    endpoint: AppendEndpoint,
+    server: HttpServer,
+    noop: HttpServer,
+    streams: int,
+    before: LoadResult,
+) -> tuple[list[Round[Appended, LoadResult]], tuple[LoadResult, int] | None, LoadResult]:
+    """The case's rounds (none if the server lacks the endpoint), the least
+    durable endpoint after the first (SQLite), and the no-op's last run."""
+    seconds = ctx.size(5.0, 1.0)
+    rounds: list[Round[Appended, LoadResult]] = []
+    durable = None
+    for number in range(ctx.size(ROUNDS, 1)):
+        appended = await measure_appends(endpoint, server.base_url, server.pid, streams, seconds)
+        if appended is None:
+            break
+        if number == 0 and ctx.db == "sqlite":
+            durable = await measure_durable_noop(ctx, endpoint, streams, seconds)
+        after = await measure_noop(noop, seconds)
+        rounds.append(_round(appended, before, after))
+        before = after
+    return rounds, durable, before
 
 
 def _round(
