@@ -166,7 +166,7 @@ async def run(ctx: Context) -> list[Result]:
                 continue
             if before is None:
                 before = await _batched_loop(ctx, f"before-{case.key}", seconds)
-            done = await _in_rounds(ctx, manager, case, before)
+            done = await _in_rounds(ctx, manager, case, seconds, before)
             before = done[-1].after
             median = median_round(done)
             around = _batched_around(case, median)
@@ -184,11 +184,10 @@ async def run(ctx: Context) -> list[Result]:
 
 
 async def _in_rounds(
-    ctx: Context, manager: StreamManager, case: _Case, before: float
+    ctx: Context, manager: StreamManager, case: _Case, seconds: float, before: float
 ) -> list[Round[float, float]]:
     """The case's rounds, each followed by the batched loop (`before` is the
     loop's last run before the first)."""
-    seconds = ctx.size(3.0, 0.3)
     rounds: list[Round[float, float]] = []
     for number in range(ctx.size(ROUNDS, 1)):
         rate = await _measure(manager, case.writers, case.producer, seconds)

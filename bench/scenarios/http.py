@@ -155,7 +155,7 @@ async def run(ctx: Context) -> list[Result]:
                 case = f"{endpoint.name}, {PRODUCERS} producers, {streams} stream(s)"
                 name = f"{endpoint.name.lower().replace(' ', '-')}-{streams}"
                 measured, durable, before = await _in_rounds(
-                    ctx, endpoint, server, noop, streams, before
+                    ctx, endpoint, server, noop, streams, seconds, before
                 )
                 if not measured:
                     why = "pending endpoint: not on this branch yet"
@@ -175,11 +175,11 @@ async def _in_rounds(
     server: HttpServer,
     noop: HttpServer,
     streams: int,
+    seconds: float,
     before: LoadResult,
 ) -> tuple[list[Round[Appended, LoadResult]], tuple[LoadResult, int] | None, LoadResult]:
     """The case's rounds (none if the server lacks the endpoint), the least
     durable endpoint after the first (SQLite), and the no-op's last run."""
-    seconds = ctx.size(5.0, 1.0)
     rounds: list[Round[Appended, LoadResult]] = []
     durable = None
     for number in range(ctx.size(ROUNDS, 1)):
