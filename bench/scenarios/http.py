@@ -253,7 +253,6 @@ def _durable_result(
     case: str, streams: int, measured: LoadResult, committed: int, ratio_to: str
 ) -> Result:
     acknowledged = measured.requests - measured.non_2xx
-    lost = committed < acknowledged
     return Result(
         HTTP_SCENARIO,
         f"the least durable endpoint: no-op + bare group commit, {streams} stream(s)",
@@ -263,7 +262,7 @@ def _durable_result(
         p50_ms=measured.p50_ms,
         p99_ms=measured.p99_ms,
         ratio_to=ratio_to,
-        status="failed" if lost or measured.socket_errors or measured.non_2xx else "ok",
+        status="failed" if _lost(measured, committed) or measured.non_2xx else "ok",
         note=f"the same load as {case}, after its first round; answered past the handler "
         f"pipeline, each append "
         f"committed (stdlib driver) before its 204; no protocol, no log; "
