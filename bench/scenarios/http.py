@@ -289,7 +289,8 @@ def _ceiling_around(case: str, name: str, before: LoadResult, after: LoadResult)
 
 async def peers(ctx: Context) -> list[Result]:
     """The Durable Streams reference server through the same append load, each
-    case between two runs of the no-op endpoint, as in `run`."""
+    case once, between two runs of the no-op endpoint: the peers are held to
+    no target, so they do without `run`'s rounds."""
     why_not = missing_node_harness(
         DURABLE_STREAMS_DIR, "start-reference-server.mjs", "npm install --no-audit --no-fund"
     )
