@@ -26,9 +26,9 @@ from app.log.tasks import cancel_and_wait
 from app.migrate import check_at_head, upgrade
 from app.observability import Metrics, request_log_middleware
 from app.protocols import (
-    BODIES_KEY,
     EXPOSED_HEADERS,
     close_bodies,
+    has_bodies,
     protocol_lifespans,
     protocol_routers,
 )
@@ -145,7 +145,7 @@ def stream_guard(timeout: float) -> Any:
                 log.info("dropped a reader that accepted nothing for %.0f s", timeout)
             finally:
                 watch.dropped.discard(task)
-                if BODIES_KEY in scope:  # a streaming response registered its bodies
+                if has_bodies(scope):
                     await close_bodies(scope)
 
         return handle

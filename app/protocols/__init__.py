@@ -38,6 +38,14 @@ def closing_body(request: Request, body: AsyncIterator[bytes]) -> AsyncIterator[
     return body
 
 
+def has_bodies(scope: Any) -> bool:
+    """Whether a streaming response registered bodies in this scope (closing_body).
+
+    Sync, so that the common answer (no) costs the caller no await.
+    """
+    return BODIES_KEY in scope
+
+
 async def close_bodies(scope: Any) -> None:
     for body in scope.pop(BODIES_KEY, []):
         aclose = getattr(body, "aclose", None)
