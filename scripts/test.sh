@@ -21,6 +21,7 @@ if [ ! -d tests/node/durable-streams/node_modules/@durable-streams ]; then
 fi
 
 .venv/bin/ruff check app tests migrations bench
-.venv/bin/ruff format --check app tests migrations bench
+# README.md: its Python examples, formatted like the code.
+.venv/bin/ruff format --check app tests migrations bench README.md
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
