@@ -717,9 +717,6 @@ class StreamWriter:
             self.stream_id, self.origin, NewEvent.chunk(chunk, type), self._remember
         )
 
-    def _request(self, events: list[NewEvent]) -> AppendRequest:
-        return AppendRequest(self.stream_id, events, origin=self.origin)
-
     def _remember(self, failure: StreamError) -> None:
         if self._failure is None:
             self._failure = failure
@@ -765,7 +762,8 @@ class StreamWriter:
         self._check_open()
         # Refuse further writes at once, before the terminal event is committed.
         self._ended = how
-        events = await self._manager.submit(self._request([event]))
+        request = AppendRequest(self.stream_id, [event], origin=self.origin)
+        events = await self._manager.submit(request)
         return events[0]
 
 
