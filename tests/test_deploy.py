@@ -1,17 +1,20 @@
-"""Deployment: compose.yaml and the Dockerfile as files, and the repository's nginx config for real.
+"""Deployment: compose.yaml and the Dockerfile as files; the repository's proxy configs for real.
 
 No container engine runs here, so compose.yaml is checked as data; nginx
-(Debian's nginx-light) runs with the very location config compose mounts.
+(Debian's nginx-light) runs with the very location config compose mounts, and
+Caddy (Debian's caddy) with deploy/caddy/Caddyfile, its addresses made loopback.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from tests.protocols import flows_for_tests
 from tests.support import ROOT, free_port
 
 NGINX_DIR = ROOT / "deploy" / "nginx"
+CADDY_DIR = ROOT / "deploy" / "caddy"
 SSE = {"Accept": "text/event-stream"}
 
 
@@ -75,23 +79,32 @@ def _seconds(duration: str) -> float:
     return float(duration.rstrip("s"))
 
 
-# -- nginx for real -------------------------------------------------------------------------
+# -- the proxies for real ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def nginx(tmp_path: Path, sqlite_url: str) -> Iterator[tuple[str, LiveServer]]:
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not os.path.exists(binary):
-        raise RuntimeError("nginx is not installed: apt-get install nginx-light (.ci/run does)")
-    service = LiveServer(
+@dataclass(frozen=True)
+class Proxied:
+    """streamkeep behind a proxy started from the repository's config."""
+
+    proxy: str
+    base: str
+    service: LiveServer
+
+
+def _proxied_service(sqlite_url: str) -> LiveServer:
+    return LiveServer(
         Settings(
             database_url=sqlite_url,
             flows="tests.protocols.flows_for_tests",
             sse_keepalive_seconds=0.5,
         )
     ).start()
-    port = free_port()
-    upstream = service.url.removeprefix("http://")
+
+
+def _nginx_command(tmp_path: Path, port: int, upstream: str) -> list[str]:
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(binary):
+        raise RuntimeError("nginx is not installed: apt-get install nginx-light (.ci/run does)")
     (tmp_path / "nginx.conf").write_text(
         f"""
 daemon off;
@@ -112,45 +125,82 @@ http {{
 }}
 """
     )
-    process = subprocess.Popen(
-        [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    return [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+
+
+def _replaced_once(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced; it must be there once (the config's shape is tested too)."""
+    assert text.count(old) == 1, f"deploy/caddy/Caddyfile no longer has {old!r} once"
+    return text.replace(old, new)
+
+
+def _caddy_command(tmp_path: Path, port: int, upstream: str) -> list[str]:
+    binary = shutil.which("caddy")
+    if binary is None:
+        raise RuntimeError("caddy is not installed: apt-get install caddy (.ci/run does)")
+    # The repository's Caddyfile with a loopback address for its site and its
+    # replicas, and a read timeout short on purpose: streams must outlive it by
+    # their keepalives. No admin endpoint, no certificates.
+    site = (CADDY_DIR / "Caddyfile").read_text()
+    site = _replaced_once(site, "streams.example.com {", f"http://127.0.0.1:{port} {{")
+    site = _replaced_once(site, "streamkeep-1:4437 streamkeep-2:4437", upstream)
+    site = _replaced_once(site, "read_timeout 1h", "read_timeout 2s")
+    config = tmp_path / "Caddyfile"
+    config.write_text("{\n\tadmin off\n\tauto_https off\n}\n\n" + site)
+    return [binary, "run", "--adapter", "caddyfile", "--config", str(config)]
+
+
+PROXY_COMMANDS = {"nginx": _nginx_command, "caddy": _caddy_command}
+
+
+@pytest.fixture(params=sorted(PROXY_COMMANDS))
+def proxied(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Proxied]:
+    service = _proxied_service(sqlite_url)
+    port = free_port()
+    command = PROXY_COMMANDS[request.param](tmp_path, port, service.url.removeprefix("http://"))
+    # Caddy keeps its data and config under the user's directories: here, the test's.
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
+    # Its output to a file: a pipe nobody reads would stall it once full.
+    output = tmp_path / f"{request.param}.out"
+    with output.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
         try:
-            httpx.get(f"{base}/healthz", timeout=1)
+            httpx.get(f"{base}/healthz", timeout=1).raise_for_status()
             break
-        except httpx.TransportError:
+        except httpx.HTTPError:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx did not start: {process.communicate()[0]!r}") from None
+                process.kill()
+                process.wait(10)
+                service.stop()
+                said = output.read_text(errors="replace")
+                raise RuntimeError(f"{request.param} did not start: {said}") from None
             time.sleep(0.05)
     try:
-        yield base, service
+        yield Proxied(request.param, base, service)
     finally:
         process.terminate()
         process.wait(10)
         service.stop()
 
 
-def test_events_pass_the_proxy_unbuffered(nginx: tuple[str, LiveServer]) -> None:
-    base, _ = nginx
+def test_events_pass_the_proxy_unbuffered(proxied: Proxied) -> None:
     flows_for_tests.second_step.clear()
     with httpx.stream(
-        "POST", f"{base}/flows/two_steps", json={}, headers=SSE, timeout=30
+        "POST", f"{proxied.base}/flows/two_steps", json={}, headers=SSE, timeout=30
     ) as response:
         chunks = response.iter_raw()
-        # The second chunk waits for us; if nginx buffered, the first would wait too.
+        # The second chunk waits for us; if the proxy buffered, the first would wait too.
         assert next(chunks) == b'data: {"message":"first"}\n\n'
         flows_for_tests.second_step.set()
         rest = b"".join(chunks)
     assert rest == b'data: {"message":"second"}\n\ndata: {"result":"two steps done"}\n\n'
 
 
-def test_reconnect_through_the_proxy_resumes(nginx: tuple[str, LiveServer]) -> None:
-    base, _ = nginx
+def test_reconnect_through_the_proxy_resumes(proxied: Proxied) -> None:
+    base = proxied.base
     first = httpx.post(
         f"{base}/flows/countdown", json={"data": {"count": 4}}, headers=SSE, timeout=30
     )
@@ -166,10 +216,17 @@ def test_reconnect_through_the_proxy_resumes(nginx: tuple[str, LiveServer]) -> N
     )
 
 
-def test_proxy_request_id_reaches_the_service(nginx: tuple[str, LiveServer]) -> None:
-    base, _ = nginx
-    response = httpx.get(f"{base}/healthz")
-    assert len(response.headers["x-request-id"]) == 32  # nginx's $request_id, kept
+# The ids each proxy makes (nginx's $request_id, Caddy's {http.request.uuid}); the
+# service's own are 32 hex digits too, so only Caddy's prove theirs is kept.
+PROXY_REQUEST_IDS = {
+    "nginx": re.compile(r"[0-9a-f]{32}"),
+    "caddy": re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+}
+
+
+def test_proxy_request_id_reaches_the_service(proxied: Proxied) -> None:
+    response = httpx.get(f"{proxied.base}/healthz")
+    assert PROXY_REQUEST_IDS[proxied.proxy].fullmatch(response.headers["x-request-id"])
 
 
 def test_forwarded_headers_are_believed_only_from_trusted_proxies(sqlite_url: str) -> None:
@@ -199,9 +256,9 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies(sqlite_url: st
     assert seen == {"": "127.0.0.1", "127.0.0.1": "203.0.113.9"}
 
 
-def test_idle_stream_outlives_the_proxy_read_timeout(nginx: tuple[str, LiveServer]) -> None:
-    """nginx cuts a silent upstream after proxy_read_timeout (2 s here); keepalives prevent it."""
-    base, _ = nginx
+def test_idle_stream_outlives_the_proxy_read_timeout(proxied: Proxied) -> None:
+    """A proxy cuts a silent upstream after its read timeout (2 s here); keepalives prevent it."""
+    base = proxied.base
     assert httpx.put(f"{base}/v1/streams/idle", json={}).status_code == 201
     with httpx.stream("GET", f"{base}/v1/streams/idle/events", timeout=30) as response:
         lines = response.iter_lines()
