@@ -9,7 +9,6 @@ stored, or the service shuts down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable
@@ -18,6 +17,7 @@ from typing import Any
 from app.errors import Status, StreamError
 from app.flows import Flow
 from app.log import StreamManager, StreamWriter
+from app.log.tasks import Runs
 
 log = logging.getLogger("streamkeep.flows")
 
@@ -30,19 +30,13 @@ class FlowRunner:
     def __init__(self, manager: StreamManager, *, terminal_retry_seconds: float = 60.0) -> None:
         self.manager = manager
         self.terminal_retry_seconds = terminal_retry_seconds
-        self._runs: dict[str, asyncio.Task[None]] = {}
-
-    @property
-    def running(self) -> int:
-        return len(self._runs)
+        self._runs = Runs()
 
     async def start(self, flow: Flow, data: Any) -> str:
         """Open the run's stream (raising if it cannot be stored), then run the flow."""
         stream_id = str(uuid.uuid4())
         writer = await self.manager.open(stream_id, origin="flows")
-        task = asyncio.create_task(self._run(flow, data, writer), name=f"flow-{flow.name}")
-        self._runs[stream_id] = task
-        task.add_done_callback(lambda _t: self._runs.pop(stream_id, None))
+        self._runs.start(stream_id, self._run(flow, data, writer), name=f"flow-{flow.name}")
         return stream_id
 
     async def _run(self, flow: Flow, data: Any, writer: StreamWriter) -> None:
@@ -107,11 +101,4 @@ class FlowRunner:
 
     async def shutdown(self, grace_seconds: float = 10.0) -> None:
         """End every running flow with an error, so no run stays open after we stop."""
-        tasks = list(self._runs.values())
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    asyncio.gather(*tasks, return_exceptions=True), timeout=grace_seconds
-                )
+        await self._runs.close(grace_seconds)
