@@ -15,9 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from hypothesis import HealthCheck, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_SCRIPT = ROOT / "scripts" / "pg-throwaway.sh"
+
+
+def fuzz_settings(examples: int) -> settings:
+    """Hypothesis settings for fuzzing a live server: the same examples every run
+    (derandomized, no example database), no deadline (the network is in the loop),
+    and no health checks (a function-scoped server is shared by the examples)."""
+    return settings(
+        max_examples=examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 class FakeClock:

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
 from schemathesis import Case
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
@@ -23,6 +22,7 @@ from app.server import create_app
 from tests.conftest import ServerFactory
 from tests.live import LiveServer
 from tests.protocols.fake_upstream import FakeUpstream
+from tests.support import fuzz_settings
 
 ADMIN = "admin-key-0123456789abcdef"
 EXAMPLES = 15
@@ -52,13 +52,7 @@ def server(live_server: ServerFactory, upstream: FakeUpstream) -> LiveServer:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(EXAMPLES)
 def test_no_server_error_and_every_answer_as_documented(
     case: Case[Any], server: LiveServer
 ) -> None:

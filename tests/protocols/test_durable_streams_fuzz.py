@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import ServerFactory
+from tests.support import fuzz_settings
 
 EXAMPLES = 500
 METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"]
@@ -141,13 +142,7 @@ def state(http: httpx.Client, url: str) -> tuple[int, bytes, str | None, str | N
 
 
 @given(request=odd_requests())
-@settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    deadline=None,
-    database=None,
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(EXAMPLES)
 def test_odd_requests_get_no_5xx_and_a_refusal_changes_nothing(
     client: tuple[httpx.Client, str], request: OddRequest
 ) -> None:
