@@ -155,8 +155,9 @@ def test_odd_requests_get_no_5xx_and_a_refusal_changes_nothing(
     headers = dict(request.headers)
     if request.its_content_type:
         headers["content-type"] = content_type
-    if request.fork_from_existing and "stream-forked-from" in headers:
+    if request.fork_from_existing:  # a fork of it, at its tail unless told otherwise
         headers["stream-forked-from"] = httpx.URL(existing).path
+        headers.setdefault("stream-fork-offset", created.headers["stream-next-offset"])
     before = state(http, url)
     with http.stream(
         request.method, url, headers=headers, params=request.params, content=request.body
