@@ -88,7 +88,6 @@ class Proxied:
 
     proxy: str
     base: str
-    service: LiveServer
 
 
 def _proxied_service(sqlite_url: str) -> LiveServer:
@@ -179,7 +178,7 @@ def proxied(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> 
                 raise RuntimeError(f"{request.param} did not start: {said}") from None
             time.sleep(0.05)
     try:
-        yield Proxied(request.param, base, service)
+        yield Proxied(request.param, base)
     finally:
         process.terminate()
         process.wait(10)
