@@ -51,6 +51,9 @@ class Result:
     # beside the target's ratio.
     same_work_to: str | None = None
     same_work_ratio: float | None = None
+    # Every target the case missed, its same-work ceiling missed too: no
+    # implementation of the case's shape reached it in this run.
+    out_of_reach: bool = False
     targets: list[Target] = field(default_factory=list)
     met: bool | None = None  # all targets met; None when there are none or a figure is missing
     status: Status = "ok"
@@ -78,10 +81,11 @@ def skipped(scenario: str, case: str, key: str, note: str) -> Result:
 def resolve(results: list[Result]) -> None:
     """Fill in ratios from the ceilings of the same run, then check targets."""
     by_key = {r.key: r for r in results}
-    for result in results:
+    for result in results:  # every ratio first: a same-work ceiling's is checked below
         base = by_key.get(result.ratio_to or "")
         if base is not None and base.value and result.value is not None:
             result.ratio = result.value / base.value
+    for result in results:
         same = by_key.get(result.same_work_to or "")
         if same is not None and same.value and result.value is not None:
             result.same_work_ratio = result.value / same.value
@@ -90,6 +94,20 @@ def resolve(results: list[Result]) -> None:
         if result.targets and result.status == "ok":
             verdicts = [t.check(result) for t in result.targets]
             result.met = None if None in verdicts else all(verdicts)
+            if result.met is False and same is not None and same.status == "ok":
+                reached = _missed_by_hand_too(result, same)
+                if reached:
+                    result.out_of_reach = True
+                    result.note += f"; out of reach: the same work by hand reached {reached}"
+
+
+def _missed_by_hand_too(result: Result, same: Result) -> str:
+    """What the same work by hand reached, if it missed every target the case
+    missed (e.g. "ratio 0.42"); empty if it met one of them."""
+    missed = [t for t in result.targets if t.check(result) is False]
+    if not all(t.check(same) is False for t in missed):
+        return ""
+    return "; ".join(f"{t.metric} {_number(getattr(same, t.metric))}" for t in missed)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -122,7 +140,9 @@ def _number(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
 
 
-def _verdict(met: bool | None) -> str:
+def _verdict(met: bool | None, out_of_reach: bool = False) -> str:
+    if met is False and out_of_reach:
+        return "MISSED, out of reach"
     return {True: "met", False: "MISSED", None: "?"}[met]
 
 
@@ -131,7 +151,9 @@ def _row(result: Result) -> tuple[str, ...]:
         return (result.scenario, result.case, result.status, "", "", "", "", result.note)
     value = f"{_number(result.value)} {result.unit}".strip()
     ratio = f"{result.ratio:.2f}" if result.ratio is not None else ""
-    target = "; ".join(f"{t.text}: {_verdict(t.check(result))}" for t in result.targets)
+    target = "; ".join(
+        f"{t.text}: {_verdict(t.check(result), result.out_of_reach)}" for t in result.targets
+    )
     return (
         result.scenario,
         result.case,

@@ -55,6 +55,8 @@ def check_result(result: dict[str, Any]) -> None:
     if result["same_work_to"] is not None and result["value"] is not None:
         assert result["same_work_ratio"] is not None, result
         assert f"of {result['same_work_to']}, the same work by hand" in result["note"], result
+    if result["out_of_reach"]:  # only a miss, and the note says what the same work reached
+        assert result["met"] is False and "out of reach: the same work" in result["note"], result
 
 
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
