@@ -51,8 +51,9 @@ class Result:
     # beside the target's ratio.
     same_work_to: str | None = None
     same_work_ratio: float | None = None
-    # Every target the case missed, its same-work ceiling missed too: no
-    # implementation of the case's shape reached it in this run.
+    # Every target the case missed, its same-work ceiling missed as well in
+    # this run: writers of the case's shape, which cannot do less than those
+    # bare ones do, are out of reach of it on this machine.
     out_of_reach: bool = False
     targets: list[Target] = field(default_factory=list)
     met: bool | None = None  # all targets met; None when there are none or a figure is missing
