@@ -155,34 +155,43 @@ PROXY_COMMANDS = {"nginx": _nginx_command, "caddy": _caddy_command}
 @pytest.fixture(params=sorted(PROXY_COMMANDS))
 def proxied(request: pytest.FixtureRequest, tmp_path: Path, sqlite_url: str) -> Iterator[Proxied]:
     service = _proxied_service(sqlite_url)
-    port = free_port()
-    command = PROXY_COMMANDS[request.param](tmp_path, port, service.url.removeprefix("http://"))
+    try:  # the service stops however the proxy fares, a missing binary included
+        port = free_port()
+        upstream = service.url.removeprefix("http://")
+        command = PROXY_COMMANDS[request.param](tmp_path, port, upstream)
+        base = f"http://127.0.0.1:{port}"
+        process = _start_proxy(request.param, command, tmp_path, base)
+        try:
+            yield Proxied(request.param, base)
+        finally:
+            process.terminate()
+            process.wait(10)
+    finally:
+        service.stop()
+
+
+def _start_proxy(
+    name: str, command: list[str], tmp_path: Path, base: str
+) -> subprocess.Popen[bytes]:
+    """The proxy, once it answers the service's /healthz (killed if it never does)."""
     # Caddy keeps its data and config under the user's directories: here, the test's.
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
     # Its output to a file: a pipe nobody reads would stall it once full.
-    output = tmp_path / f"{request.param}.out"
+    output = tmp_path / f"{name}.out"
     with output.open("wb") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while True:
         try:
             httpx.get(f"{base}/healthz", timeout=1).raise_for_status()
-            break
+            return process
         except httpx.HTTPError:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 process.wait(10)
-                service.stop()
                 said = output.read_text(errors="replace")
-                raise RuntimeError(f"{request.param} did not start: {said}") from None
+                raise RuntimeError(f"{name} did not start: {said}") from None
             time.sleep(0.05)
-    try:
-        yield Proxied(request.param, base)
-    finally:
-        process.terminate()
-        process.wait(10)
-        service.stop()
 
 
 def test_events_pass_the_proxy_unbuffered(proxied: Proxied) -> None:
